@@ -1,0 +1,124 @@
+"""The one box convention of pneumo, and every conversion of it.
+
+A box is ``(x, y, width, height)``: top-left corner, in pixels of the original image frame
+(1024 x 1024 for RSNA). Arrays of boxes are float arrays of shape (N, 4). Model-resolution
+boxes and corner form exist only inside the helpers below.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+_PATIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_patient_id(patient_id: str) -> str:
+    """Return patient_id if it is safe as a file name stem, else raise ValueError.
+
+    Real RSNA ids are UUIDs; anything with a path separator or starting with a dot is refused
+    because ids become output file names (images/<patientId>.png).
+    """
+    if not isinstance(patient_id, str) or not _PATIENT_ID.match(patient_id) or ".." in patient_id:
+        raise ValueError(f"invalid patientId {patient_id!r}")
+    return patient_id
+
+
+def as_boxes(boxes) -> np.ndarray:
+    """Any sequence of (x, y, w, h) as a float64 (N, 4) array (empty input gives (0, 4))."""
+    arr = np.asarray(boxes, dtype=np.float64)
+    if arr.size == 0:
+        return np.zeros((0, 4))
+    return arr.reshape(-1, 4)
+
+
+def to_corners(boxes) -> np.ndarray:
+    """(x, y, w, h) -> (x0, y0, x1, y1)."""
+    b = as_boxes(boxes)
+    return np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], axis=1)
+
+
+def from_corners(corners) -> np.ndarray:
+    """(x0, y0, x1, y1) -> (x, y, w, h)."""
+    c = as_boxes(corners)
+    return np.concatenate([c[:, :2], c[:, 2:] - c[:, :2]], axis=1)
+
+
+def scale(boxes, sx: float, sy: float | None = None) -> np.ndarray:
+    """Scale boxes between frames, e.g. original pixels -> model pixels with s = size / 1024."""
+    sy = sx if sy is None else sy
+    return as_boxes(boxes) * np.array([sx, sy, sx, sy])
+
+
+def iou_matrix(a, b) -> np.ndarray:
+    """IoU of every box in a (N, 4) with every box in b (M, 4): an (N, M) array, no masks."""
+    ca, cb = to_corners(a), to_corners(b)
+    x0 = np.maximum(ca[:, None, 0], cb[None, :, 0])
+    y0 = np.maximum(ca[:, None, 1], cb[None, :, 1])
+    x1 = np.minimum(ca[:, None, 2], cb[None, :, 2])
+    y1 = np.minimum(ca[:, None, 3], cb[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area_a = (ca[:, 2] - ca[:, 0]) * (ca[:, 3] - ca[:, 1])
+    area_b = (cb[:, 2] - cb[:, 0]) * (cb[:, 3] - cb[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, inter / union, 0.0)
+
+
+def parse_boxes(probability_map: np.ndarray, threshold: float, min_area: float = 0.0):
+    """Boxes from a probability map: connected components of ``probability_map > threshold``.
+
+    Returns (boxes, confidences) in the map's own pixel frame; confidence is the mean
+    probability inside the box. Components whose box area is below min_area are dropped.
+    """
+    from scipy import ndimage
+
+    mask = probability_map > threshold
+    labels, n = ndimage.label(mask)
+    boxes, confidences = [], []
+    for region in ndimage.find_objects(labels)[:n]:
+        ys, xs = region
+        w, h = xs.stop - xs.start, ys.stop - ys.start
+        if w * h < min_area:
+            continue
+        boxes.append((xs.start, ys.start, w, h))
+        confidences.append(float(probability_map[region].mean()))
+    return as_boxes(boxes), np.asarray(confidences, dtype=np.float64)
+
+
+def boxes_to_mask(boxes, height: int, width: int) -> np.ndarray:
+    """A (height, width) float32 mask with 1 inside every box (boxes already in that frame)."""
+    mask = np.zeros((height, width), dtype=np.float32)
+    for x0, y0, x1, y1 in np.round(to_corners(boxes)).astype(int):
+        mask[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = 1.0
+    return mask
+
+
+def format_prediction_string(boxes, confidences) -> str:
+    """Kaggle's PredictionString: 'confidence x y width height' groups, highest confidence first."""
+    b = as_boxes(boxes)
+    order = np.argsort(-np.asarray(confidences, dtype=np.float64), kind="stable")
+    parts = []
+    for i in order:
+        x, y, w, h = b[i]
+        parts.append(f"{confidences[i]:.4f} {x:.0f} {y:.0f} {w:.0f} {h:.0f}")
+    return " ".join(parts)
+
+
+def parse_prediction_string(text) -> tuple[np.ndarray, np.ndarray]:
+    """Kaggle's PredictionString back to (boxes, confidences); ValueError if malformed."""
+    if text is None or (isinstance(text, float) and np.isnan(text)):
+        return as_boxes([]), np.zeros(0)
+    tokens = str(text).split()
+    if len(tokens) % 5:
+        raise ValueError(f"{len(tokens)} numbers, not a multiple of 5 (confidence x y width height)")
+    try:
+        values = np.array([float(t) for t in tokens], dtype=np.float64).reshape(-1, 5)
+    except ValueError as exc:
+        raise ValueError(f"not a number: {exc}") from None
+    if not np.isfinite(values).all():
+        raise ValueError("non-finite number")
+    if (values[:, 3:] < 0).any():
+        raise ValueError("negative width or height")
+    return values[:, 1:], values[:, 0]

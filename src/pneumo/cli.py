@@ -1,0 +1,126 @@
+"""The `pneumo` command line. Each command imports what it needs when it runs, so that
+`score`, `validate` and `synth` start without torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pneumo.errors import PneumoError
+
+log = logging.getLogger("pneumo")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
+def cmd_synth(args) -> int:
+    from pneumo.synth import make_dataset
+
+    result = make_dataset(args.dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
+                          size=args.size, workers=args.workers)
+    counts = ", ".join(f"{v} {k}" for k, v in result["classes"].items())
+    print(f"wrote {result['train']} train ({counts}) and {result['test']} test DICOMs to {args.dir}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from pneumo.validate import validate
+
+    report = validate(args.dir, workers=args.workers)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        for p in report.problems:
+            print(f"{p.severity:7}  {p.problem:24}  {p.patientId or '-':38}  {p.detail}  [{p.path}]")
+        counts = report.to_dict()["counts"]
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no problems"
+        print(f"{report.n_train_images} train and {report.n_test_images} test files, "
+              f"{report.n_usable_train} usable labelled train images; {summary}")
+    if not report.usable:
+        print(f"pneumo: error: {args.dir}: not usable: {report.fatal}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from pneumo.prepare import prepare
+
+    prepared = prepare(args.dir, out=args.out, image_size=args.image_size, val_fraction=args.val_fraction,
+                       seed=args.seed, workers=args.workers, force=args.force)
+    m = prepared.manifest
+    print(f"{m['n_images']} images ({m['n_skipped']} skipped, listed in skipped.csv) at "
+          f"{m['image_size']} px in {prepared.root}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from pneumo.metrics import score_files
+
+    score = score_files(args.submission, args.labels)
+    if args.json:
+        print(json.dumps(score.to_dict(per_image=args.per_image), indent=2))
+    else:
+        thresholds = "  ".join(f"{t}: {v:.4f}" for t, v in score.per_threshold.items())
+        print(f"mAP {score.map:.4f} over {score.n_images} images\n{thresholds}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pneumo", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic RSNA-layout dataset")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--n-train", type=_positive_int, default=400)
+    p.add_argument("--n-test", type=_positive_int, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=1024, help="image side in pixels (RSNA: 1024)")
+    p.add_argument("--workers", type=_positive_int, default=None)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("validate", help="report what is wrong in a data directory, file by file")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.add_argument("--workers", type=_positive_int, default=None)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("prepare", help="decode the training images once into a cache")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="default: outputs/data/<fingerprint>")
+    p.add_argument("--image-size", type=_positive_int, default=256)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=_positive_int, default=None)
+    p.add_argument("--force", action="store_true", help="rebuild even if the inputs are unchanged")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("score", help="official RSNA mAP of a submission against labels")
+    p.add_argument("submission", type=Path)
+    p.add_argument("labels", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--per-image", action="store_true", help="with --json: per-image scores too")
+    p.set_defaults(func=cmd_score)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except PneumoError as exc:
+        print(f"pneumo: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pneumo: interrupted", file=sys.stderr)
+        return 130

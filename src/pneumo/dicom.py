@@ -1,0 +1,206 @@
+"""Read any single-frame grayscale DICOM into a uint8 image plus the metadata pneumo uses.
+
+RSNA files are 8-bit MONOCHROME2 JPEG Baseline; users also bring uncompressed 12/16-bit,
+MONOCHROME1 and other sizes. Every file that cannot be used raises DicomError with a reason
+the user can act on.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pneumo.errors import DicomError
+
+# Which installable package decodes which transfer syntax, for the error message.
+_DECODER_HINT = {
+    "1.2.840.10008.1.2.4.50": "Pillow",
+    "1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.57": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.70": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.80": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.81": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.5": "pylibjpeg (RLE)",
+}
+
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([DWMY]?)\s*$", re.IGNORECASE)
+_AGE_UNIT_YEARS = {"": 1.0, "Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
+
+
+@dataclass(frozen=True)
+class DicomMeta:
+    """What pneumo keeps of a DICOM header. rows/columns are the image's own pixel frame."""
+
+    patientId: str
+    PatientID: str
+    PatientSex: str
+    PatientAge: float | None
+    ViewPosition: str
+    rows: int
+    columns: int
+    pixel_spacing: tuple[float, float] | None
+    photometric: str
+    bits_stored: int
+    transfer_syntax: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@contextmanager
+def quiet_pydicom():
+    """Silence pydicom's value warnings: RSNA files store PatientAge as '51' (not the standard
+    '051Y'), which pydicom flags on every access; parse_age reads both forms."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+def parse_age(value) -> float | None:
+    """DICOM AgeString ('051Y', '6M', '10W', '20D') or RSNA's plain '51' -> years; None if absent."""
+    if value is None:
+        return None
+    m = _AGE.match(str(value))
+    if not m:
+        return None
+    years = float(m.group(1)) * _AGE_UNIT_YEARS[m.group(2).upper()]
+    return round(years, 3) if 0 <= years < 150 else None
+
+
+def _read_dataset(path: Path):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        with quiet_pydicom():
+            return pydicom.dcmread(path)
+    except FileNotFoundError:
+        raise DicomError(path, "no such file") from None
+    except IsADirectoryError:
+        raise DicomError(path, "is a directory") from None
+    except InvalidDicomError:
+        raise DicomError(path, "not a DICOM file (no DICM preamble)") from None
+    except Exception as exc:  # pydicom raises many types on truncated/garbled headers
+        raise DicomError(path, f"unreadable DICOM header ({type(exc).__name__}: {exc})") from None
+
+
+def _meta(path: Path, ds) -> DicomMeta:
+    with quiet_pydicom():
+        return _meta_fields(path, ds)
+
+
+def _meta_fields(path: Path, ds) -> DicomMeta:
+    spacing = ds.get("PixelSpacing")
+    try:
+        spacing = (float(spacing[0]), float(spacing[1])) if spacing else None
+    except (TypeError, ValueError, IndexError):
+        spacing = None
+    syntax = ds.file_meta.get("TransferSyntaxUID", "") if hasattr(ds, "file_meta") else ""
+    return DicomMeta(
+        patientId=path.stem,
+        PatientID=str(ds.get("PatientID", "") or ""),
+        PatientSex=str(ds.get("PatientSex", "") or "").upper()[:1],
+        PatientAge=parse_age(ds.get("PatientAge")),
+        ViewPosition=str(ds.get("ViewPosition", "") or "").upper(),
+        rows=int(ds.get("Rows", 0) or 0),
+        columns=int(ds.get("Columns", 0) or 0),
+        pixel_spacing=spacing,
+        photometric=str(ds.get("PhotometricInterpretation", "") or ""),
+        bits_stored=int(ds.get("BitsStored", 8) or 8),
+        transfer_syntax=str(syntax),
+    )
+
+
+def read_meta(path) -> DicomMeta:
+    """Header only (no pixel decoding)."""
+    path = Path(path)
+    return _meta(path, _read_dataset(path))
+
+
+def _check_usable(path: Path, ds, meta: DicomMeta) -> None:
+    if "PixelData" not in ds:
+        raise DicomError(path, "no pixel data")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1 or meta.photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise DicomError(path, f"not a grayscale image (PhotometricInterpretation {meta.photometric or '?'})")
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise DicomError(path, f"multi-frame image ({ds.NumberOfFrames} frames); pneumo reads single X-rays")
+    if meta.rows < 8 or meta.columns < 8:
+        raise DicomError(path, f"implausible image size {meta.rows}x{meta.columns}")
+
+
+def _decode(path: Path, ds, meta: DicomMeta) -> np.ndarray:
+    try:
+        return ds.pixel_array
+    except Exception as exc:
+        text = str(exc)
+        hint = _DECODER_HINT.get(meta.transfer_syntax)
+        if hint and ("plugin" in text.lower() or "handler" in text.lower() or "decod" in text.lower()):
+            raise DicomError(
+                path, f"cannot decode transfer syntax {meta.transfer_syntax}: install {hint}"
+            ) from None
+        raise DicomError(path, f"pixel data cannot be decoded ({type(exc).__name__}: {text})") from None
+
+
+def to_uint8(pixels: np.ndarray, ds, photometric: str) -> np.ndarray:
+    """Map stored values to display grey levels 0..255 (0 = black, as on a MONOCHROME2 film).
+
+    8-bit data without a VOI is kept as is (the RSNA fast path). Otherwise the modality LUT
+    (rescale) is applied, then the window (WindowCenter/Width or VOI LUT) when the file has
+    one, else the image's own value range. The own range rather than the stored bit range
+    because real exports often declare 16 stored bits for 10-12 bits of signal, which the bit
+    range would render almost black. MONOCHROME1 is inverted at the end.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    has_voi = "WindowCenter" in ds or "VOILUTSequence" in ds
+    if pixels.dtype == np.uint8 and not has_voi:
+        out = pixels
+    else:
+        values = apply_modality_lut(pixels, ds)
+        if has_voi:  # maps into the window's output range, rescaled to 0..255 below
+            values = apply_voi_lut(values, ds)
+        values = values.astype(np.float64)
+        lo, hi = float(values.min()), float(values.max())
+        if hi <= lo:
+            out = np.zeros(values.shape, np.uint8)
+        else:
+            out = ((values - lo) * (255.0 / (hi - lo))).round().astype(np.uint8)
+    if photometric == "MONOCHROME1":
+        out = 255 - out
+    return np.ascontiguousarray(out)
+
+
+def read_dicom(path) -> tuple[np.ndarray, DicomMeta]:
+    """(image uint8 [rows, columns], metadata) of a single-frame grayscale DICOM file."""
+    path = Path(path)
+    ds = _read_dataset(path)
+    try:
+        meta = _meta(path, ds)
+        _check_usable(path, ds, meta)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a garbled header value
+        raise DicomError(path, f"invalid DICOM header value ({exc})") from None
+    pixels = _decode(path, ds, meta)
+    if pixels.ndim != 2:
+        raise DicomError(path, f"unexpected pixel array shape {pixels.shape}")
+    if pixels.shape != (meta.rows, meta.columns):
+        raise DicomError(path, f"pixel data {pixels.shape} does not match Rows x Columns {meta.rows}x{meta.columns}")
+    try:
+        return to_uint8(pixels, ds, meta.photometric), meta
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a garbled LUT or window
+        raise DicomError(path, f"invalid grey-level tags ({exc})") from None
+
+
+def resize_area(image: np.ndarray, size: int) -> np.ndarray:
+    """Square uint8 image of size x size by area averaging (Pillow's BOX filter)."""
+    from PIL import Image
+
+    if image.shape == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BOX))

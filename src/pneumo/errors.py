@@ -1,0 +1,26 @@
+"""Errors a user can cause. The CLI turns each into one line on stderr and a non-zero exit."""
+
+
+class PneumoError(Exception):
+    """Base of every error caused by input (a file, a parameter, a directory), not by a bug."""
+
+
+class DicomError(PneumoError):
+    """A DICOM file that cannot be used; the message names the file and the reason."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class DataError(PneumoError):
+    """A data directory, CSV or cache that cannot be used."""
+
+
+class ConfigError(PneumoError):
+    """A parameter that is unknown, of the wrong type or out of range."""
+
+
+class SubmissionError(PneumoError):
+    """A malformed submission or labels file."""

@@ -1,0 +1,192 @@
+"""Decode an RSNA data directory once into what training and exploration read.
+
+OUT/features.csv   one row per usable train image (patientId, PatientSex, PatientAge,
+                   ViewPosition, Target, class, n_boxes, split, rows, columns, index)
+OUT/boxes.csv      patientId, x, y, width, height in the image's own pixel frame
+OUT/images.npy     uint8 (N, S, S) at the working resolution, row i = features.csv index i,
+                   read memory-mapped so a Dataset never decodes a DICOM
+OUT/skipped.csv    path, patientId, reason for every train file that was left out
+OUT/manifest.json  fingerprint of the inputs and the settings; written last, so a directory
+                   without it is not a finished cache
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pneumo.boxes import check_patient_id
+from pneumo.data import CLASS_COLUMNS, LABEL_COLUMNS, POSITIVE_CLASS, dicom_files, layout, read_csv, scan
+from pneumo.errors import DataError
+from pneumo.io import atomic_dir, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+PREPARE_VERSION = 1  # bump when the cache format or decoding changes: it renames every cache
+DEFAULT_OUTPUTS = Path(os.environ.get("PNEUMO_OUTPUTS", "outputs"))
+
+
+def fingerprint(data_dir, image_size: int, val_fraction: float, seed: int) -> str:
+    """Hash of the inputs (CSV contents, image names, sizes and mtimes) and the settings."""
+    lay = layout(data_dir)
+    h = hashlib.sha256(f"v{PREPARE_VERSION}|{image_size}|{val_fraction}|{seed}".encode())
+    for csv in (lay.labels, lay.class_info):
+        h.update(csv.read_bytes() if csv.is_file() else b"-")
+    for p in dicom_files(lay.train_images):
+        st = p.stat()
+        h.update(f"{p.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:12]
+
+
+def split_patients(classes, val_fraction: float, seed: int) -> dict[str, str]:
+    """Patient-level train/val split, stratified by class: {patientId: 'train' | 'val'}."""
+    rng = np.random.default_rng(seed)
+    split = {}
+    for klass in sorted(set(classes.values())):
+        pids = sorted(p for p, c in classes.items() if c == klass)
+        rng.shuffle(pids)
+        n_val = int(round(len(pids) * val_fraction))
+        if 0 < val_fraction and n_val == 0 and len(pids) > 1:
+            n_val = 1
+        split.update({p: "val" for p in pids[:n_val]})
+        split.update({p: "train" for p in pids[n_val:]})
+    return split
+
+
+def _labels_and_classes(lay):
+    import pandas as pd
+
+    labels = read_csv(lay.labels, LABEL_COLUMNS)
+    labels = labels[labels["patientId"].notna()].drop_duplicates()
+    labels = labels[labels["patientId"].map(_valid_id)]
+    target = labels.groupby("patientId")["Target"].max()
+    try:
+        info = read_csv(lay.class_info, CLASS_COLUMNS).drop_duplicates("patientId").set_index("patientId")["class"]
+    except DataError as exc:
+        log.warning("%s; classes derived from Target", exc)
+        info = pd.Series(dtype=object)
+    classes = {pid: (info.get(pid) if isinstance(info.get(pid), str) else
+                     (POSITIVE_CLASS if t == 1 else "Negative")) for pid, t in target.items()}
+    boxes = labels.dropna(subset=["x", "y", "width", "height"])
+    boxes = boxes[(boxes["Target"] == 1) & (boxes["width"] > 0) & (boxes["height"] > 0)]
+    return target, classes, boxes[["patientId", "x", "y", "width", "height"]].reset_index(drop=True)
+
+
+def _valid_id(pid) -> bool:
+    try:
+        check_patient_id(pid)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A finished prepare directory, opened for reading."""
+
+    root: Path
+    manifest: dict
+    features: "pd.DataFrame"  # noqa: F821
+    boxes: "pd.DataFrame"  # noqa: F821
+
+    @property
+    def image_size(self) -> int:
+        return int(self.manifest["image_size"])
+
+    def images(self) -> np.ndarray:
+        return np.load(self.root / "images.npy", mmap_mode="r")
+
+    def boxes_of(self, patient_id: str) -> np.ndarray:
+        return self.boxes.loc[self.boxes["patientId"] == patient_id, ["x", "y", "width", "height"]].to_numpy(float)
+
+    def boxes_by_patient(self) -> dict[str, np.ndarray]:
+        groups = {pid: g[["x", "y", "width", "height"]].to_numpy(float) for pid, g in self.boxes.groupby("patientId")}
+        return {pid: groups.get(pid, np.zeros((0, 4))) for pid in self.features["patientId"]}
+
+
+def open_prepared(path) -> Prepared:
+    import pandas as pd
+
+    root = Path(path)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise DataError(f"{root}: not a finished prepare directory (no manifest.json)")
+    manifest = json.loads(manifest_path.read_text())
+    features = pd.read_csv(root / "features.csv", dtype={"patientId": str})
+    boxes = pd.read_csv(root / "boxes.csv", dtype={"patientId": str})
+    return Prepared(root, manifest, features, boxes)
+
+
+def prepare(data_dir, out=None, image_size: int = 256, val_fraction: float = 0.2, seed: int = 0,
+            workers: int | None = None, force: bool = False) -> Prepared:
+    """Build (or reuse, when the fingerprint matches) the prepared cache of data_dir."""
+    import pandas as pd
+
+    if not 16 <= image_size <= 2048:
+        raise DataError(f"image size {image_size}: must be between 16 and 2048 pixels")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val fraction {val_fraction}: must be in [0, 1)")
+    lay = layout(data_dir)
+    fp = fingerprint(lay.root, image_size, val_fraction, seed)
+    out = Path(out) if out else DEFAULT_OUTPUTS / "data" / fp
+    if not force and (out / "manifest.json").is_file():
+        try:
+            if json.loads((out / "manifest.json").read_text()).get("fingerprint") == fp:
+                log.info("reusing prepared data %s (inputs unchanged)", out)
+                return open_prepared(out)
+        except (OSError, json.JSONDecodeError):
+            pass  # a damaged manifest means rebuild
+    start = time.perf_counter()
+    target, classes, boxes = _labels_and_classes(lay)
+    files = [p for p in dicom_files(lay.train_images) if p.suffix == ".dcm" and p.stem in classes]
+    unlabelled = [p for p in dicom_files(lay.train_images) if p.stem not in classes]
+    rows, skipped = [], [{"path": str(p), "patientId": p.stem, "reason": "no row in the labels CSV"} for p in unlabelled]
+    with atomic_dir(out) as tmp:
+        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
+                                           shape=(len(files), image_size, image_size))
+        n = 0
+        for item in scan(files, image_size=image_size, workers=workers, description="preparing"):
+            if item.error:
+                skipped.append({"path": item.path, "patientId": item.patientId, "reason": item.error})
+                continue
+            m = item.meta
+            images[n] = item.image
+            rows.append({"patientId": item.patientId, "PatientSex": m["PatientSex"], "PatientAge": m["PatientAge"],
+                         "ViewPosition": m["ViewPosition"], "Target": int(target[item.patientId]),
+                         "class": classes[item.patientId], "rows": m["rows"], "columns": m["columns"]})
+            n += 1
+        images.flush()
+        del images
+        if n < len(files):  # rewrite without the rows of skipped files
+            full = np.load(tmp / "images.npy", mmap_mode="r")
+            np.save(tmp / "images.kept.npy", np.asarray(full[:n]))
+            del full
+            os.replace(tmp / "images.kept.npy", tmp / "images.npy")
+        features = pd.DataFrame(rows, columns=["patientId", "PatientSex", "PatientAge", "ViewPosition", "Target",
+                                               "class", "rows", "columns"])
+        kept = set(features["patientId"])
+        boxes = boxes[boxes["patientId"].isin(kept)]
+        features["n_boxes"] = features["patientId"].map(boxes.groupby("patientId").size()).fillna(0).astype(int)
+        split = split_patients(dict(zip(features["patientId"], features["class"])), val_fraction, seed)
+        features["split"] = features["patientId"].map(split)
+        features["index"] = np.arange(len(features))
+        features.to_csv(tmp / "features.csv", index=False)
+        boxes.to_csv(tmp / "boxes.csv", index=False)
+        pd.DataFrame(skipped, columns=["path", "patientId", "reason"]).to_csv(tmp / "skipped.csv", index=False)
+        seconds = time.perf_counter() - start
+        atomic_write_json(tmp / "manifest.json", {
+            "fingerprint": fp, "version": PREPARE_VERSION, "data_dir": str(lay.root.resolve()),
+            "image_size": image_size, "val_fraction": val_fraction, "seed": seed,
+            "n_images": len(features), "n_skipped": len(skipped), "n_boxes": len(boxes),
+            "seconds": round(seconds, 2), "images_per_second": round(len(files) / max(seconds, 1e-9), 1),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+    log.info("prepared %d images (%d skipped) into %s in %.1f s", len(features), len(skipped), out, seconds)
+    return open_prepared(out)

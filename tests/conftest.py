@@ -1,0 +1,28 @@
+"""Shared fixtures: one tiny synthetic dataset per test session (real JPEG-Baseline DICOMs)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+os.environ.setdefault("PNEUMO_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    """A small RSNA-layout dataset at 256 px; treat as read-only (copy it to change it)."""
+    from pneumo.synth import make_dataset
+
+    root = tmp_path_factory.mktemp("synth")
+    make_dataset(root, n_train=48, n_test=8, seed=7, size=256, workers=2)
+    return root
+
+
+@pytest.fixture
+def data_copy(synth_dir, tmp_path):
+    """A private, writable copy of the synthetic dataset."""
+    dst = tmp_path / "data"
+    shutil.copytree(synth_dir, dst)
+    return dst

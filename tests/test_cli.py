@@ -1,0 +1,30 @@
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "pneumo", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("argv", [["score", "a.csv", "b.csv"], ["validate", "nowhere"], ["synth", "{tmp}/s", "--n-train", "2", "--n-test", "1", "--size", "64"]])
+def test_light_commands_do_not_import_torch(argv, tmp_path):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code = ("import sys\nfrom pneumo.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n" % argv)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_synth_command_and_bad_arguments(tmp_path):
+    out = _run("synth", tmp_path / "d", "--n-train", "3", "--n-test", "1", "--size", "64")
+    assert out.returncode == 0 and "wrote 3 train" in out.stdout
+    out = _run("synth", tmp_path / "d", "--n-train", "0")
+    assert out.returncode == 2 and "must be at least 1" in out.stderr
+
+
+def test_prepare_command(synth_dir, tmp_path):
+    out = _run("prepare", synth_dir, "--out", tmp_path / "p", "--image-size", "32")
+    assert out.returncode == 0, out.stderr
+    assert "48 images (0 skipped" in out.stdout and (tmp_path / "p" / "manifest.json").is_file()

@@ -1,0 +1,158 @@
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from pneumo.dicom import parse_age, read_dicom, read_meta, resize_area
+from pneumo.errors import DicomError
+
+
+def write_uncompressed(path, pixels, photometric="MONOCHROME2", bits_stored=None, signed=False, **tags):
+    """An uncompressed DICOM of any bit depth, as scanners and PACS exports write them."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.PatientID = Path(path).stem
+    ds.Modality = "CR"
+    ds.SamplesPerPixel = 1 if pixels.ndim == 2 or photometric.startswith("MONO") else 3
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = pixels.shape[-2:] if pixels.ndim == 2 else pixels.shape[:2]
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = int(signed)
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    if pixels.ndim == 3 and photometric == "RGB":
+        ds.PlanarConfiguration = 0
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_reads_synthetic_rsna_file(synth_dir):
+    path = next((synth_dir / "stage_2_train_images").glob("*.dcm"))
+    image, meta = read_dicom(path)
+    assert image.dtype == np.uint8 and image.shape == (256, 256)
+    assert meta.patientId == path.stem == meta.PatientID
+    assert meta.PatientSex in ("M", "F") and meta.ViewPosition in ("AP", "PA")
+    assert isinstance(meta.PatientAge, float)
+    assert meta.transfer_syntax == "1.2.840.10008.1.2.4.50"
+    assert read_meta(path).rows == 256
+
+
+@pytest.mark.parametrize("text,years", [("51", 51), ("051Y", 51), ("6M", 0.5), ("026W", 0.498), ("", None), ("abc", None), (None, None)])
+def test_parse_age(text, years):
+    assert parse_age(text) == (pytest.approx(years, abs=1e-3) if years is not None else None)
+
+
+def test_16_bit_without_window_uses_the_image_range(tmp_path):
+    pixels = np.array([[0, 2048], [4095, 1024]], dtype=np.uint16).repeat(8, 0).repeat(8, 1)
+    image, meta = read_dicom(write_uncompressed(tmp_path / "a.dcm", pixels, bits_stored=12))
+    assert meta.bits_stored == 12
+    assert image[0, 0] == 0 and image[0, 15] == 128 and image[8, 0] == 255
+
+
+def test_window_center_width_is_applied(tmp_path):
+    pixels = np.array([[0, 1000], [1500, 4000]], dtype=np.uint16).repeat(8, 0).repeat(8, 1)
+    path = write_uncompressed(tmp_path / "w.dcm", pixels, bits_stored=12, WindowCenter=1000, WindowWidth=1000)
+    image, _ = read_dicom(path)
+    # below the window -> black, above -> white, the centre -> mid grey
+    assert image[0, 0] == 0 and image[8, 8] == 255 and abs(int(image[0, 8]) - 128) <= 2
+
+
+def test_monochrome1_is_inverted(tmp_path):
+    pixels = np.array([[0, 255]], dtype=np.uint8).repeat(16, 0).repeat(8, 1)
+    mono2, _ = read_dicom(write_uncompressed(tmp_path / "m2.dcm", pixels))
+    mono1, _ = read_dicom(write_uncompressed(tmp_path / "m1.dcm", pixels, photometric="MONOCHROME1"))
+    assert np.array_equal(mono1, 255 - mono2)
+
+
+def test_signed_16_bit(tmp_path):
+    pixels = np.array([[-1024, 0], [1023, 3071]], dtype=np.int16).repeat(8, 0).repeat(8, 1)
+    image, _ = read_dicom(write_uncompressed(tmp_path / "s.dcm", pixels, bits_stored=16, signed=True))
+    assert image[0, 0] < image[0, 8] < image[8, 0] < image[8, 8]
+
+
+def test_non_square_size_is_kept(tmp_path):
+    pixels = (np.arange(40 * 60) % 256).astype(np.uint8).reshape(40, 60)
+    image, meta = read_dicom(write_uncompressed(tmp_path / "r.dcm", pixels))
+    assert image.shape == (40, 60) and (meta.rows, meta.columns) == (40, 60)
+    assert resize_area(image, 16).shape == (16, 16)
+
+
+def test_resize_area_averages():
+    image = np.zeros((4, 4), np.uint8)
+    image[:2, :2] = 200
+    assert np.array_equal(resize_area(image, 2), [[200, 0], [0, 0]])
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("text", "not a DICOM"),
+    ("empty", "not a DICOM"),
+    ("truncated", ""),
+    ("no_pixels", "no pixel data"),
+    ("rgb", "not a grayscale"),
+    ("missing", "no such file"),
+])
+def test_unusable_files_raise_one_package_error(tmp_path, synth_dir, case, reason):
+    path = tmp_path / f"{case}.dcm"
+    good = next((synth_dir / "stage_2_train_images").glob("*.dcm"))
+    if case == "text":
+        path.write_text("patientId,x\n")
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "truncated":
+        path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    elif case == "no_pixels":
+        ds = pydicom.dcmread(good)
+        del ds.PixelData
+        ds.save_as(path)
+    elif case == "rgb":
+        write_uncompressed(path, np.zeros((8, 8, 3), np.uint8), photometric="RGB")
+    with pytest.raises(DicomError) as err:
+        read_dicom(path)
+    assert str(path) in str(err.value) and reason in err.value.reason
+
+
+def test_multi_frame_is_refused(tmp_path):
+    path = write_uncompressed(tmp_path / "mf.dcm", np.zeros((16, 16), np.uint8))
+    ds = pydicom.dcmread(path)
+    ds.NumberOfFrames = 2
+    ds.Rows = 8
+    ds.save_as(path)
+    with pytest.raises(DicomError, match="multi-frame"):
+        read_dicom(path)
+
+
+def test_pydicom_test_files_never_raise_anything_else():
+    """Every file pydicom ships for its own tests either reads as uint8 2-D or is a DicomError."""
+    folder = Path(pydicom.__file__).parent / "data" / "test_files"
+    files = sorted(folder.glob("*.dcm"))
+    assert len(files) > 30
+    read, refused = 0, 0
+    for path in files:
+        try:
+            image, meta = read_dicom(path)
+        except DicomError as exc:
+            assert exc.reason and str(path) in str(exc)
+            refused += 1
+            continue
+        assert image.dtype == np.uint8 and image.ndim == 2 and image.shape == (meta.rows, meta.columns)
+        read += 1
+    # compressed grayscale (JPEG lossless, JPEG-LS, JPEG 2000, RLE) decode with the pylibjpeg plugins
+    assert read >= 15, (read, refused)
+
+
+def test_compressed_grayscale_syntaxes_decode():
+    folder = Path(pydicom.__file__).parent / "data" / "test_files"
+    for name in ("MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "JPEG2000.dcm"):
+        image, _ = read_dicom(folder / name)
+        assert image.std() > 1, name

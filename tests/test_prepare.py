@@ -1,0 +1,66 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from pneumo.dicom import read_dicom, resize_area
+from pneumo.errors import DataError
+from pneumo.prepare import open_prepared, prepare, split_patients
+
+
+def test_prepare_writes_features_boxes_and_cache(synth_dir, tmp_path):
+    out = tmp_path / "prep"
+    prepared = prepare(synth_dir, out=out, image_size=64, val_fraction=0.25, seed=1, workers=2)
+    f = prepared.features
+    assert list(f.columns[:8]) == ["patientId", "PatientSex", "PatientAge", "ViewPosition", "Target", "class", "rows", "columns"]
+    assert {"n_boxes", "split", "index"} <= set(f.columns)
+    images = prepared.images()
+    assert images.shape == (48, 64, 64) and images.dtype == np.uint8
+    # row i of the cache is the area-resized DICOM of features row i
+    row = f.iloc[5]
+    image, _ = read_dicom(synth_dir / "stage_2_train_images" / f"{row.patientId}.dcm")
+    assert np.array_equal(images[row["index"]], resize_area(image, 64))
+    labels = pd.read_csv(synth_dir / "stage_2_train_labels.csv")
+    assert len(prepared.boxes) == labels["Target"].sum()
+    assert (f.groupby("class")["split"].apply(lambda s: (s == "val").sum()) >= 1).all()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_rerun_reuses_cache_and_changes_rebuild(data_copy, tmp_path):
+    out = tmp_path / "prep"
+    first = prepare(data_copy, out=out, image_size=32, workers=1)
+    mtime = (out / "images.npy").stat().st_mtime_ns
+    again = prepare(data_copy, out=out, image_size=32, workers=1)
+    assert (out / "images.npy").stat().st_mtime_ns == mtime
+    assert again.manifest["fingerprint"] == first.manifest["fingerprint"]
+    victim = next((data_copy / "stage_2_train_images").glob("*.dcm"))
+    victim.write_bytes(b"broken")
+    rebuilt = prepare(data_copy, out=out, image_size=32, workers=1)
+    assert rebuilt.manifest["fingerprint"] != first.manifest["fingerprint"]
+    assert len(rebuilt.features) == 47 and victim.stem not in set(rebuilt.features["patientId"])
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert skipped["patientId"].tolist() == [victim.stem] and "not a DICOM" in skipped["reason"][0]
+    assert rebuilt.images().shape[0] == 47
+
+
+def test_default_out_is_named_by_fingerprint(synth_dir, tmp_path, monkeypatch):
+    import pneumo.prepare as mod
+
+    monkeypatch.setattr(mod, "DEFAULT_OUTPUTS", tmp_path / "outputs")
+    prepared = prepare(synth_dir, image_size=32, workers=1)
+    assert prepared.root == tmp_path / "outputs" / "data" / prepared.manifest["fingerprint"]
+    assert open_prepared(prepared.root).manifest == prepared.manifest
+
+
+def test_split_is_stratified_and_seeded():
+    classes = {f"p{i}": ("A" if i < 30 else "B") for i in range(100)}
+    s1, s2 = split_patients(classes, 0.2, 0), split_patients(classes, 0.2, 0)
+    assert s1 == s2 and s1 != split_patients(classes, 0.2, 1)
+    assert sum(v == "val" for k, v in s1.items() if classes[k] == "A") == 6
+    assert sum(v == "val" for k, v in s1.items() if classes[k] == "B") == 14
+
+
+def test_bad_arguments(synth_dir, tmp_path):
+    with pytest.raises(DataError, match="image size"):
+        prepare(synth_dir, out=tmp_path / "x", image_size=4)
+    with pytest.raises(DataError, match="does not exist"):
+        prepare(tmp_path / "missing", out=tmp_path / "x")
