@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("PNEUMO_NO_PROGRESS", "1")
+# Whatever a test writes by default (prepared caches, runs) goes to a temporary tree, never ./outputs
+os.environ["PNEUMO_OUTPUTS"] = tempfile.mkdtemp(prefix="pneumo-test-outputs-")
 
 
 @pytest.fixture(scope="session")

@@ -43,9 +43,7 @@ def test_rerun_reuses_cache_and_changes_rebuild(data_copy, tmp_path):
 
 
 def test_default_out_is_named_by_fingerprint(synth_dir, tmp_path, monkeypatch):
-    import pneumo.prepare as mod
-
-    monkeypatch.setattr(mod, "DEFAULT_OUTPUTS", tmp_path / "outputs")
+    monkeypatch.setenv("PNEUMO_OUTPUTS", str(tmp_path / "outputs"))
     prepared = prepare(synth_dir, image_size=32, workers=1)
     assert prepared.root == tmp_path / "outputs" / "data" / prepared.manifest["fingerprint"]
     assert open_prepared(prepared.root).manifest == prepared.manifest

@@ -73,6 +73,21 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from pneumo.config import load_config, parse_overrides
+    from pneumo.training import fit, tensorboard_command
+
+    overrides = parse_overrides(args.p)
+    if args.data_dir:
+        overrides.setdefault("data_dir", str(args.data_dir))
+    config = load_config(args.params, overrides)
+    metrics = fit(config, args.out)
+    print(f"run: {metrics['run_dir']}\nbest val mAP {metrics['best_val_map']:.4f} at epoch "
+          f"{metrics['best_epoch']} (threshold {metrics['threshold']:.2f}, {metrics['epochs_done']} epochs, "
+          f"{metrics['wall_time_s']:.0f} s)\n{tensorboard_command(metrics['run_dir'])}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pneumo", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -102,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=None)
     p.add_argument("--force", action="store_true", help="rebuild even if the inputs are unchanged")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train one run (the same fit() as notebooks/02-train.ipynb)")
+    p.add_argument("--data-dir", type=Path, default=None, help="RSNA data dir or prepared dir")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default outputs/runs/train/<stamp>)")
+    p.add_argument("--params", type=Path, default=None, help="YAML file of TrainConfig parameters")
+    p.add_argument("-p", action="append", metavar="KEY=VALUE", help="override one parameter (repeatable)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("score", help="official RSNA mAP of a submission against labels")
     p.add_argument("submission", type=Path)

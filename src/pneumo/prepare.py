@@ -30,7 +30,11 @@ from pneumo.io import atomic_dir, atomic_write_json
 log = logging.getLogger(__name__)
 
 PREPARE_VERSION = 1  # bump when the cache format or decoding changes: it renames every cache
-DEFAULT_OUTPUTS = Path(os.environ.get("PNEUMO_OUTPUTS", "outputs"))
+
+
+def outputs_root() -> Path:
+    """Where commands write by default: $PNEUMO_OUTPUTS, else ./outputs."""
+    return Path(os.environ.get("PNEUMO_OUTPUTS", "outputs"))
 
 
 def fingerprint(data_dir, image_size: int, val_fraction: float, seed: int) -> str:
@@ -135,7 +139,7 @@ def prepare(data_dir, out=None, image_size: int = 256, val_fraction: float = 0.2
         raise DataError(f"val fraction {val_fraction}: must be in [0, 1)")
     lay = layout(data_dir)
     fp = fingerprint(lay.root, image_size, val_fraction, seed)
-    out = Path(out) if out else DEFAULT_OUTPUTS / "data" / fp
+    out = Path(out) if out else outputs_root() / "data" / fp
     if not force and (out / "manifest.json").is_file():
         try:
             if json.loads((out / "manifest.json").read_text()).get("fingerprint") == fp:

@@ -9,7 +9,6 @@ runs without the real 3.7 GB of data. The test images' labels go to a separate C
 from __future__ import annotations
 
 import io
-import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -20,8 +19,6 @@ import numpy as np
 
 from pneumo.dicom import quiet_pydicom
 from pneumo.io import atomic_write_text
-
-log = logging.getLogger(__name__)
 
 CLASSES = ("Lung Opacity", "No Lung Opacity / Not Normal", "Normal")
 CLASS_P = (0.225, 0.443, 0.332)  # patient-level class mix of the real stage 2 training set
@@ -213,5 +210,4 @@ def make_dataset(out, n_train: int = 400, n_test: int = 60, seed: int = 0, size:
     sample = ["patientId,PredictionString"] + [f"{c.patient_id},0.5 0 0 100 100" for c in test]
     atomic_write_text(out / SAMPLE_SUBMISSION, "\n".join(sample) + "\n")
     counts = {k: sum(c.klass == k for c in train) for k in CLASSES}
-    log.info("wrote %d train and %d test DICOMs to %s", n_train, n_test, out)
     return {"train": n_train, "test": n_test, "classes": counts, "out": str(out)}

@@ -1,0 +1,188 @@
+"""TrainConfig: the single definition of a training run's parameters.
+
+The notebook's parameters cell, `pneumo train -p key=value`, YAML params files and sweep
+entries all go through it. Layering: defaults < YAML file < key=value overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from pneumo.errors import ConfigError
+
+OPTIMIZERS = ("adam", "adamw", "adamax", "sgd", "adagrad", "rmsprop")
+# Learning rates that train this UNet well from scratch; used when lr is not given.
+DEFAULT_LR = {"adam": 1e-3, "adamw": 1e-3, "adamax": 2e-3, "sgd": 3e-2, "adagrad": 1e-2, "rmsprop": 5e-4}
+SCHEDULERS = ("cosine", "onecycle", "none")
+LOSSES = ("bce_dice", "bce", "dice")
+PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data_dir: str = "outputs/synth"  # an RSNA-layout directory, or a `pneumo prepare` output
+    optimizer: str = "adamw"
+    lr: float | None = None  # None: the optimizer's default (DEFAULT_LR)
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd and rmsprop only
+    scheduler: str = "cosine"
+    epochs: int = 20
+    batch_size: int = 16
+    image_size: int = 128
+    width: int = 8  # channels of the first UNet level; doubled at each level down
+    depth: int = 4  # UNet levels (image_size must be divisible by 2**depth)
+    loss: str = "bce_dice"
+    augment: bool = True
+    train_threshold: bool = True  # search the box threshold on the validation split each epoch
+    threshold: float = 0.5  # probability threshold for boxes (the start value when searched)
+    min_box_area: float = 1000.0  # in pixels of the original image frame (RSNA: 1024 x 1024)
+    val_fraction: float = 0.2
+    seed: int = 0
+    max_images: int = 0  # 0: all; else a stratified subset for quick debugging
+    save_images: bool = True
+    n_val_images: int = 8  # annotated validation images per epoch (TensorBoard and PNGs)
+    num_workers: int = -1  # -1: 0 on CPU (the cache is in memory), up to 4 on a GPU
+    threads: int = 0  # torch CPU threads; 0: torch's default
+    precision: str = "auto"  # auto: 16-mixed on a GPU, 32-true on the CPU
+    max_time: float = 0.0  # minutes; 0: no limit
+
+    def __post_init__(self):
+        checks = [
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.lr is None or self.lr > 0, "lr must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+            (self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}"),
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (1 <= self.depth <= 6, "depth must be in 1..6"),
+            (self.width >= 2, "width must be >= 2"),
+            (32 <= self.image_size <= 1024, "image_size must be in 32..1024"),
+            (self.image_size % 2**self.depth == 0, f"image_size must be divisible by 2**depth = {2**self.depth}"),
+            (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
+            (0 < self.threshold < 1, "threshold must be in (0, 1)"),
+            (self.min_box_area >= 0, "min_box_area must be >= 0"),
+            (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
+            (self.max_images >= 0, "max_images must be >= 0"),
+            (self.n_val_images >= 0, "n_val_images must be >= 0"),
+            (self.num_workers >= -1, "num_workers must be >= -1"),
+            (self.threads >= 0, "threads must be >= 0"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+            (self.max_time >= 0, "max_time must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "parameters") -> TrainConfig:
+        """Build from a mapping, refusing unknown keys and wrong types with the valid keys."""
+        unknown = sorted(set(values) - set(cls.names()))
+        if unknown:
+            raise ConfigError(f"{source}: unknown parameter(s) {', '.join(unknown)}; "
+                              f"valid: {', '.join(cls.names())}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(k, v, hints[k], source) for k, v in values.items()})
+
+    def replace(self, **changes) -> TrainConfig:
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _coerce(name, value, hint, source):
+    """Check value against the field's type; ints are accepted for floats (YAML writes 1 for 1.0)."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+        elif kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        elif kind is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        elif kind is str and isinstance(value, str):
+            return value
+    names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+    raise ConfigError(f"{source}: {name} must be {names}, not {value!r}")
+
+
+def parse_value(text: str):
+    """A command-line value as YAML reads it: 3 -> int, 1e-3 -> float, true -> bool, null -> None."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
+        try:
+            return float(text)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_overrides(items) -> dict:
+    """['lr=0.01', 'optimizer=sgd'] -> {'lr': 0.01, 'optimizer': 'sgd'}."""
+    out = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"-p {item!r}: expected key=value")
+        out[key.strip()] = parse_value(text.strip())
+    return out
+
+
+def read_params_file(path) -> dict:
+    import yaml
+
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such params file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of parameter: value")
+    return values
+
+
+def load_config(params_file=None, overrides=None, base: dict | None = None) -> TrainConfig:
+    """Defaults < base < params file < key=value overrides."""
+    values = dict(base or {})
+    source = "parameters"
+    if params_file:
+        values.update(read_params_file(params_file))
+        source = str(params_file)
+    values.update(parse_overrides(overrides) if isinstance(overrides, (list, tuple)) else (overrides or {}))
+    return TrainConfig.from_dict(values, source)

@@ -1,0 +1,183 @@
+"""fit(TrainConfig, run_dir): one training run. The notebook, `pneumo train` and every sweep
+run call this function; nothing about training lives anywhere else."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from pneumo.config import TrainConfig
+from pneumo.errors import ConfigError, DataError, PneumoError
+from pneumo.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+class RunError(PneumoError):
+    """A run directory that cannot be (re)used."""
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    from pneumo.prepare import outputs_root
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return outputs_root() / "runs" / "train" / f"{stamp}-{config.optimizer}-lr{config.learning_rate:g}"
+
+
+def load_prepared(config: TrainConfig):
+    """The prepared cache for config: data_dir itself if it is one, else prepare (or reuse) it."""
+    from pneumo.prepare import open_prepared, prepare
+
+    data_dir = Path(config.data_dir).expanduser()
+    if (data_dir / "manifest.json").is_file():
+        prepared = open_prepared(data_dir)
+        if prepared.image_size != config.image_size:
+            raise DataError(f"{data_dir}: prepared at {prepared.image_size} px, but image_size is "
+                            f"{config.image_size}; point data_dir at the RSNA directory to prepare it again")
+        return prepared
+    return prepare(data_dir, image_size=config.image_size, val_fraction=config.val_fraction, seed=config.seed)
+
+
+def _check_run_dir(run_dir: Path, config: TrainConfig) -> Path | None:
+    """The last checkpoint to resume from, None for a fresh run; RunError if run_dir is taken."""
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file() and json.loads(metrics.read_text()).get("status") == "finished":
+        raise RunError(f"{run_dir}: a finished run; choose a new run directory")
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        import yaml
+
+        previous = yaml.safe_load(saved.read_text())
+        if previous != config.to_dict():
+            changed = sorted(k for k in set(previous) | set(config.to_dict()) if previous.get(k) != config.to_dict().get(k))
+            raise RunError(f"{run_dir}: holds a run with other parameters ({', '.join(changed)}); "
+                           "resume it with its own config.yaml or choose a new run directory")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return last if last.is_file() else None
+
+
+def _precision(config: TrainConfig, accelerator: str) -> str:
+    if config.precision != "auto":
+        return config.precision
+    if accelerator == "gpu":
+        import torch
+
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def fit(config: TrainConfig, run_dir=None) -> dict:
+    """Train one run into run_dir (resuming from its last checkpoint) and return its metrics."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from pneumo.lightning import OpacityModule, RsnaDataModule
+    from pneumo.progress import progress_enabled
+
+    if not isinstance(config, TrainConfig):
+        raise ConfigError("fit() takes a TrainConfig")
+    run_dir = Path(run_dir) if run_dir else default_run_dir(config)
+    resume_from = _check_run_dir(run_dir, config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+    atomic_write_json(run_dir / "status.json", {"state": "starting", "epoch": 0, "epochs": config.epochs})
+    start = time.perf_counter()
+
+    _quiet_lightning()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    prepared = load_prepared(config)
+    datamodule = RsnaDataModule(prepared, config)
+    module = OpacityModule(config.to_dict(), prepared.manifest["fingerprint"], str(run_dir))
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False)
+    if resume_from is None:
+        # the same keys for every run, so HParams compares the runs of a sweep side by side
+        logger.log_hyperparams(_hparams(config), {"hp/val_map": 0.0})
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/map", mode="max",
+                                 save_last=True, auto_insert_metric_name=False, enable_version_counter=False)
+    trainer = L.Trainer(
+        max_epochs=config.epochs,
+        accelerator=accelerator,
+        devices=1,
+        precision=_precision(config, accelerator),
+        logger=logger,
+        callbacks=[checkpoint],
+        deterministic=accelerator == "cpu",
+        enable_progress_bar=progress_enabled(),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+        max_time={"minutes": config.max_time} if config.max_time else None,
+        default_root_dir=str(run_dir),
+    )
+    if resume_from is not None:
+        log.info("resuming %s from %s", run_dir, resume_from)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    except BaseException as exc:  # Lightning turns Ctrl-C into SystemExit; both leave a resumable run
+        state = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"
+        atomic_write_json(run_dir / "status.json", {"state": state, "epoch": trainer.current_epoch,
+                                                    "epochs": config.epochs, "error": f"{type(exc).__name__}: {exc}"})
+        raise
+    logger.finalize("success")
+
+    best = _load_state(Path(checkpoint.best_model_path or run_dir / "checkpoints" / "best.ckpt"))
+    history = module.history
+    best_epoch = max(history, key=lambda h: h["val_map"]) if history else {}
+    speeds = [h["train_images_per_s"] for h in history if h.get("train_images_per_s")]
+    metrics = {
+        "status": "finished",
+        "best_val_map": best.get("best_val_map", best_epoch.get("val_map")),
+        "best_epoch": best_epoch.get("epoch"),
+        "threshold": best.get("threshold", config.threshold),
+        "per_threshold": best_epoch.get("per_threshold", {}),
+        "epochs_done": trainer.current_epoch,
+        "wall_time_s": round(time.perf_counter() - start, 1),
+        "train_images_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
+        "n_train": int(len(datamodule.train_rows)),
+        "n_val": int(len(datamodule.val_rows)),
+        "data_fingerprint": prepared.manifest["fingerprint"],
+        "accelerator": accelerator,
+        "history": history,
+    }
+    if metrics["epochs_done"] < config.epochs:
+        metrics["stopped_early"] = "max_time reached"
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    atomic_write_json(run_dir / "status.json", {"state": "done", "epoch": metrics["epochs_done"],
+                                                "epochs": config.epochs, "best_val_map": metrics["best_val_map"]})
+    metrics["run_dir"] = str(run_dir)
+    return metrics
+
+
+def _quiet_lightning() -> None:
+    """Lightning's start-up tips and a warning about our (intended) batch hook are noise here."""
+    import warnings
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*treespec.*")
+
+
+def _hparams(config: TrainConfig) -> dict:
+    # TensorBoard's HParams takes scalars and strings only: None becomes "default"
+    return {k: ("default" if v is None else v) for k, v in config.to_dict().items()}
+
+
+def _load_state(path: Path) -> dict:
+    import torch
+
+    if not path.is_file():
+        return {}
+    return torch.load(path, map_location="cpu", weights_only=True).get("pneumo", {})
+
+
+def tensorboard_command(path) -> str:
+    return f"tensorboard --logdir {os.fspath(path)}"

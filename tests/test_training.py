@@ -1,0 +1,122 @@
+"""Real training runs on tiny synthetic data: run directory, TensorBoard read back, resume."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from pneumo.config import TrainConfig
+from pneumo.training import RunError, fit
+
+TINY = dict(image_size=64, depth=3, width=4, batch_size=8, n_val_images=4)
+
+
+@pytest.fixture(scope="module")
+def finished_run(synth_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    config = TrainConfig(data_dir=str(synth_dir), epochs=2, **TINY)
+    return config, fit(config, run_dir), run_dir
+
+
+def test_run_directory_layout(finished_run):
+    config, metrics, run_dir = finished_run
+    assert yaml.safe_load((run_dir / "config.yaml").read_text()) == config.to_dict()
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved["status"] == "finished" and saved["epochs_done"] == 2
+    assert {"best_val_map", "best_epoch", "threshold", "per_threshold", "wall_time_s", "train_images_per_s"} <= set(saved)
+    assert len(saved["per_threshold"]) == 8 and len(saved["history"]) == 2
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((run_dir / "val_images").glob("*.png"))) == 4
+
+
+def test_checkpoint_alone_rebuilds_the_predictor(finished_run):
+    config, metrics, run_dir = finished_run
+    ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["config"] == config.to_dict()
+    assert ckpt["pneumo"]["threshold"] == metrics["threshold"]
+    assert ckpt["pneumo"]["image_size"] == 64 and ckpt["pneumo"]["data_fingerprint"] == metrics["data_fingerprint"]
+
+
+def test_tensorboard_reader_sees_scalars_hparams_and_images(finished_run):
+    _, _, run_dir = finished_run
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for name in ("train/loss", "val/loss", "val/map", "val/map@0.50", "val/map@0.75", "lr", "hp/val_map"):
+        assert name in tags["scalars"], name
+    assert len(acc.Scalars("val/map")) == 2
+    assert "val/predictions" in tags["images"]
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = acc.PluginTagToContent("hparams")
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert set(session.session_start_info.hparams) == set(TrainConfig.names())
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    assert [m.name.tag for m in experiment.experiment.metric_infos] == ["hp/val_map"]
+
+
+def test_finished_run_is_never_overwritten(finished_run):
+    config, _, run_dir = finished_run
+    with pytest.raises(RunError, match="finished run"):
+        fit(config, run_dir)
+
+
+def test_other_parameters_in_an_existing_run_dir_are_refused(synth_dir, tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.yaml").write_text(TrainConfig(epochs=5, **TINY).to_yaml())
+    with pytest.raises(RunError, match="other parameters"):
+        fit(TrainConfig(data_dir=str(synth_dir), epochs=2, **TINY), tmp_path / "r")
+
+
+def _train_cmd(synth_dir, run_dir, epochs):
+    params = [f"{k}={v}" for k, v in {**TINY, "epochs": epochs}.items()]
+    return [sys.executable, "-m", "pneumo", "train", "--data-dir", str(synth_dir), "--out", str(run_dir),
+            *[a for p in params for a in ("-p", p)]]
+
+
+def test_killed_run_resumes_to_the_same_result(synth_dir, tmp_path):
+    env = {"PNEUMO_NO_PROGRESS": "1", "PNEUMO_OUTPUTS": str(tmp_path / "outputs"), "PATH": "/usr/bin:/bin"}
+    reference = subprocess.run(_train_cmd(synth_dir, tmp_path / "ref", 4), capture_output=True, text=True, env=env)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    assert "best val mAP" in reference.stdout and "tensorboard --logdir" in reference.stdout
+
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(synth_dir, run_dir, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        status = run_dir / "status.json"
+        if (run_dir / "checkpoints" / "last.ckpt").is_file() and status.is_file() and \
+                json.loads(status.read_text()).get("epoch", 0) >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "metrics.json").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(_train_cmd(synth_dir, run_dir, 4), capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ref = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    got = json.loads((run_dir / "metrics.json").read_text())
+    assert [h["epoch"] for h in got["history"]] == [1, 2, 3, 4]
+    assert [h["val_map"] for h in got["history"]] == [h["val_map"] for h in ref["history"]]
+    assert [h["val_loss"] for h in got["history"]] == pytest.approx([h["val_loss"] for h in ref["history"]], rel=1e-5)
+
+
+def test_cli_rejects_bad_parameter_in_one_line(synth_dir, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pneumo", "train", "--data-dir", str(synth_dir), "-p", "lr=-1"],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.strip() == "pneumo: error: lr must be > 0"
+
+
+def test_diverging_run_raises_a_clear_error(synth_dir, tmp_path):
+    from pneumo.lightning import TrainingDiverged
+
+    config = TrainConfig(data_dir=str(synth_dir), epochs=2, optimizer="sgd", lr=1e12, scheduler="none", **TINY)
+    with pytest.raises(TrainingDiverged, match="lower lr"):
+        fit(config, tmp_path / "div")
+    assert json.loads((tmp_path / "div" / "status.json").read_text())["state"] == "failed"
