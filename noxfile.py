@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import nox
 
@@ -34,15 +35,42 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session
-def demo(session: nox.Session) -> None:
-    """Synthetic data -> validate -> prepare -> score a baseline submission."""
+def sweep(session: nox.Session) -> None:
+    """The main job: data (synthetic unless --data-dir), optimizer sweep, marathon, predictions."""
     install(session, extras="")
-    data = "outputs/synth"
-    if not os.path.isdir(f"{data}/stage_2_train_images"):
-        session.run("pneumo", "synth", data)
+    args = list(session.posargs)
+    params = args.pop(0) if args and not args[0].startswith("-") else "params/optimizers.yaml"
+    data = None
+    if "--data-dir" in args:
+        i = args.index("--data-dir")
+        data = args[i + 1]
+        del args[i : i + 2]
+    if data is None:
+        data = "outputs/synth"
+        if not os.path.isdir(f"{data}/stage_2_train_images"):
+            session.run("pneumo", "synth", data, "--n-train", "400", "--n-test", "60")
     session.run("pneumo", "validate", data)
-    session.run("pneumo", "prepare", data)
-    session.run("pneumo", "score", f"{data}/stage_2_sample_submission.csv", f"{data}/stage_2_test_labels.csv")
+    session.run("pneumo", "sweep", params, "--data-dir", data, "--resume", "--marathon", *args)
+    name = _sweep_name(params)
+    predictions = f"outputs/predictions/{name}"
+    predict = ["pneumo", "predict", f"outputs/models/{name}", f"{data}/stage_2_test_images", "--out", predictions]
+    if os.path.isfile(f"{data}/stage_2_test_labels.csv"):
+        predict += ["--labels", f"{data}/stage_2_test_labels.csv"]
+    session.run(*predict)
+    session.log(f"summary:     outputs/sweeps/{name}/summary.md")
+    session.log(f"tensorboard: nox -s tensorboard   (or: tensorboard --logdir outputs/runs/{name})")
+    session.log(f"model:       outputs/models/{name}/ (latest vN: model.ckpt, model.json)")
+    session.log(f"predictions: {predictions}/ (submission.csv, annotations.json, images/, errors.csv)")
+
+
+def _sweep_name(params: str) -> str:
+    # nox's own environment has no YAML parser: the top-level `name:` line is all we need
+    with open(params) as f:
+        for line in f:
+            match = re.match(r"name:\s*([\w.-]+)", line)
+            if match:
+                return match.group(1)
+    return os.path.splitext(os.path.basename(params))[0]
 
 
 @nox.session

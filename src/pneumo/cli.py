@@ -88,6 +88,21 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from pneumo.sweep import sweep
+
+    result = sweep(args.params, out=args.out, data_dir=args.data_dir, max_parallel=args.max_parallel,
+                   resume=args.resume, marathon=args.marathon)
+    print(f"summary: {result['summary']}\ncompare runs: tensorboard --logdir {result['runs_dir']}")
+    if result.get("model"):
+        print(f"model: {result['model']} (marathon val mAP {result['marathon_val_map']:.4f})")
+    if result["failed"]:
+        print(f"pneumo: error: {len(result['failed'])} run(s) not finished: {', '.join(result['failed'])}; "
+              f"see their log.txt and notebook.ipynb, then run again with --resume", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pneumo", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -124,6 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", type=Path, default=None, help="YAML file of TrainConfig parameters")
     p.add_argument("-p", action="append", metavar="KEY=VALUE", help="override one parameter (repeatable)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="papermill runs of notebooks/02-train.ipynb in parallel, one per parameter set")
+    p.add_argument("params", type=Path, help="sweep file, e.g. params/optimizers.yaml")
+    p.add_argument("--out", type=Path, default=Path("outputs"))
+    p.add_argument("--data-dir", default=None, help="RSNA data directory (overrides the file's data_dir)")
+    p.add_argument("--max-parallel", type=_positive_int, default=None,
+                   help="runs at once (default: one per GPU, else one per CPU core)")
+    p.add_argument("--resume", action="store_true", help="finish the runs that are not done")
+    p.add_argument("--marathon", action="store_true", help="then train the best run longer into a model")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("score", help="official RSNA mAP of a submission against labels")
     p.add_argument("submission", type=Path)

@@ -95,7 +95,11 @@ class TrainConfig:
             raise ConfigError(f"{source}: unknown parameter(s) {', '.join(unknown)}; "
                               f"valid: {', '.join(cls.names())}")
         hints = typing.get_type_hints(cls)
-        return cls(**{k: _coerce(k, v, hints[k], source) for k, v in values.items()})
+        coerced = {k: _coerce(k, v, hints[k], source) for k, v in values.items()}
+        try:
+            return cls(**coerced)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}" if source != "parameters" else str(exc)) from None
 
     def replace(self, **changes) -> TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})

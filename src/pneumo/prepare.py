@@ -33,8 +33,15 @@ PREPARE_VERSION = 1  # bump when the cache format or decoding changes: it rename
 
 
 def outputs_root() -> Path:
-    """Where commands write by default: $PNEUMO_OUTPUTS, else ./outputs."""
-    return Path(os.environ.get("PNEUMO_OUTPUTS", "outputs"))
+    """Where commands write by default: $PNEUMO_OUTPUTS, else the nearest outputs/ folder of
+    the working directory or its parents (so notebooks/ finds the project's), else ./outputs."""
+    if os.environ.get("PNEUMO_OUTPUTS"):
+        return Path(os.environ["PNEUMO_OUTPUTS"])
+    here = Path.cwd()
+    for folder in (here, *here.parents):
+        if (folder / "outputs").is_dir():
+            return folder / "outputs"
+    return Path("outputs")
 
 
 def fingerprint(data_dir, image_size: int, val_fraction: float, seed: int) -> str:
@@ -129,8 +136,11 @@ def open_prepared(path) -> Prepared:
 
 
 def prepare(data_dir, out=None, image_size: int = 256, val_fraction: float = 0.2, seed: int = 0,
-            workers: int | None = None, force: bool = False) -> Prepared:
-    """Build (or reuse, when the fingerprint matches) the prepared cache of data_dir."""
+            workers: int | None = None, force: bool = False, outputs=None) -> Prepared:
+    """Build (or reuse, when the fingerprint matches) the prepared cache of data_dir.
+
+    out defaults to <outputs>/data/<fingerprint>, outputs to outputs_root().
+    """
     import pandas as pd
 
     if not 16 <= image_size <= 2048:
@@ -139,7 +149,7 @@ def prepare(data_dir, out=None, image_size: int = 256, val_fraction: float = 0.2
         raise DataError(f"val fraction {val_fraction}: must be in [0, 1)")
     lay = layout(data_dir)
     fp = fingerprint(lay.root, image_size, val_fraction, seed)
-    out = Path(out) if out else outputs_root() / "data" / fp
+    out = Path(out) if out else Path(outputs or outputs_root()) / "data" / fp
     if not force and (out / "manifest.json").is_file():
         try:
             if json.loads((out / "manifest.json").read_text()).get("fingerprint") == fp:

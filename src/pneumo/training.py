@@ -16,6 +16,10 @@ from pneumo.io import atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 
+# How a run executes, not what it trains: a run may resume with other values of these.
+EXECUTION_FIELDS = {"threads", "num_workers", "max_time"}
+
+
 class RunError(PneumoError):
     """A run directory that cannot be (re)used."""
 
@@ -27,7 +31,7 @@ def default_run_dir(config: TrainConfig) -> Path:
     return outputs_root() / "runs" / "train" / f"{stamp}-{config.optimizer}-lr{config.learning_rate:g}"
 
 
-def load_prepared(config: TrainConfig):
+def load_prepared(config: TrainConfig, outputs=None):
     """The prepared cache for config: data_dir itself if it is one, else prepare (or reuse) it."""
     from pneumo.prepare import open_prepared, prepare
 
@@ -38,7 +42,8 @@ def load_prepared(config: TrainConfig):
             raise DataError(f"{data_dir}: prepared at {prepared.image_size} px, but image_size is "
                             f"{config.image_size}; point data_dir at the RSNA directory to prepare it again")
         return prepared
-    return prepare(data_dir, image_size=config.image_size, val_fraction=config.val_fraction, seed=config.seed)
+    return prepare(data_dir, image_size=config.image_size, val_fraction=config.val_fraction, seed=config.seed,
+                   outputs=outputs)
 
 
 def _check_run_dir(run_dir: Path, config: TrainConfig) -> Path | None:
@@ -50,9 +55,10 @@ def _check_run_dir(run_dir: Path, config: TrainConfig) -> Path | None:
     if saved.is_file():
         import yaml
 
-        previous = yaml.safe_load(saved.read_text())
-        if previous != config.to_dict():
-            changed = sorted(k for k in set(previous) | set(config.to_dict()) if previous.get(k) != config.to_dict().get(k))
+        previous, current = yaml.safe_load(saved.read_text()) or {}, config.to_dict()
+        changed = sorted(k for k in set(previous) | set(current)
+                         if previous.get(k) != current.get(k) and k not in EXECUTION_FIELDS)
+        if changed:
             raise RunError(f"{run_dir}: holds a run with other parameters ({', '.join(changed)}); "
                            "resume it with its own config.yaml or choose a new run directory")
     last = run_dir / "checkpoints" / "last.ckpt"

@@ -1,0 +1,118 @@
+"""The papermill sweep: validation before any run, device slots, and a real parallel sweep."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from pneumo.sweep import SweepError, load_sweep, run_name, slot_environments
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = str(ROOT / "notebooks" / "02-train.ipynb")
+TINY = {"epochs": 2, "image_size": 64, "depth": 3, "width": 4, "batch_size": 8, "n_val_images": 2}
+
+
+def _write(tmp_path, spec):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_run_names_are_readable():
+    assert run_name(3, {"optimizer": "adamw", "lr": 0.001}) == "03-adamw-lr0.001"
+    assert run_name(12, {"lr": 0.01, "batch_size": 32}) == "12-lr0.01-batch_size32"
+    assert run_name(2, {"data_dir": "/data/rsna-v2/"}) == "02-data_dirrsna-v2"
+
+
+def test_runs_from_list_and_grid(tmp_path, synth_dir):
+    path = _write(tmp_path, {"name": "s", "notebook": NOTEBOOK, "base": {"data_dir": str(synth_dir), **TINY},
+                             "runs": [{"optimizer": "adam"}], "grid": {"optimizer": ["sgd", "adagrad"], "lr": [0.1, 0.01]}})
+    sweep = load_sweep(path)
+    assert [r.name for r in sweep.runs] == ["01-adam", "02-sgd-lr0.1", "03-sgd-lr0.01", "04-adagrad-lr0.1", "05-adagrad-lr0.01"]
+    assert sweep.runs[1].params["epochs"] == 2 and sweep.runs[1].params["optimizer"] == "sgd"
+
+
+def test_typo_fails_before_any_run_naming_run_and_key(tmp_path):
+    path = _write(tmp_path, {"notebook": NOTEBOOK, "runs": [{"optimizer": "adam"}, {"optimizer": "sgd", "lrr": 0.1}]})
+    with pytest.raises(SweepError, match="run 02-sgd-lrr0.1: parameter.*lrr.*not in the parameters cell"):
+        load_sweep(path)
+    path = _write(tmp_path, {"notebook": NOTEBOOK, "runs": [{"optimizer": "adam", "epochs": 0}]})
+    with pytest.raises(SweepError, match="run 01-adam-epochs0: epochs must be >= 1"):
+        load_sweep(path)
+    path = _write(tmp_path, {"notebook": NOTEBOOK, "runs": []})
+    with pytest.raises(SweepError, match="no runs"):
+        load_sweep(path)
+
+
+def test_shipped_params_files_validate():
+    for name in ("optimizers.yaml", "full.yaml"):
+        sweep = load_sweep(ROOT / "params" / name)
+        assert {r.params["optimizer"] for r in sweep.runs} >= {"adam", "adamw", "adamax", "sgd", "adagrad"}
+        assert sweep.marathon.get("epochs", 0) > sweep.base["epochs"]
+
+
+def test_slots_one_gpu_each_or_cores_split():
+    slots = slot_environments(["0", "1", "3"], cores=16)
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "1", "3"]
+    assert all(s["PNEUMO_THREADS"] == "5" for s in slots)
+    assert len(slot_environments(["0", "1"], max_parallel=1, cores=8)) == 1
+    cpu = slot_environments([], cores=8, max_parallel=4)
+    assert len(cpu) == 4 and all(s["CUDA_VISIBLE_DEVICES"] == "" and s["PNEUMO_THREADS"] == "2" for s in cpu)
+    assert len(slot_environments([], cores=2)) == 2
+
+
+def _sweep(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "pneumo", "sweep", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env={"PATH": "/usr/bin:/bin", "PNEUMO_NO_PROGRESS": "1", "HOME": str(cwd)})
+
+
+@pytest.mark.slow
+def test_real_parallel_sweep_with_a_failing_run_then_resume(tmp_path, synth_dir):
+    late_data = tmp_path / "late-data"  # missing at first: passes validation, raises in training
+    path = _write(tmp_path, {"name": "t", "notebook": NOTEBOOK, "base": {"data_dir": str(synth_dir), **TINY},
+                             "runs": [{"optimizer": "adam"}, {"optimizer": "sgd", "data_dir": str(late_data)}],
+                             "marathon": {"epochs": 3}})
+    out = tmp_path / "outputs"
+    first = _sweep(path, "--out", out, "--max-parallel", "2", cwd=tmp_path)
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert "02-sgd" in first.stderr and "--resume" in first.stderr
+    runs = out / "runs" / "t"
+    ok = runs / "01-adam"
+    bad = next(p for p in runs.iterdir() if p.name.startswith("02-"))
+    assert json.loads((ok / "metrics.json").read_text())["status"] == "finished"
+    failed = json.loads((bad / "failed.json").read_text())
+    assert "does not exist" in failed["error"]
+    for run in (ok, bad):  # the executed notebook, partial for the failed run, is valid nbformat
+        nbformat.validate(nbformat.read(run / "notebook.ipynb", as_version=4))
+        assert (run / "log.txt").is_file()
+    failed_nb = nbformat.read(bad / "notebook.ipynb", as_version=4)
+    assert any(o.output_type == "error" for c in failed_nb.cells if c.cell_type == "code" for o in c.outputs)
+    summary = (out / "sweeps" / "t" / "summary.csv").read_text().splitlines()
+    assert summary[1].startswith("1,01-adam,done") and ",failed," in summary[2]
+    assert "| rank | run | status |" in (out / "sweeps" / "t" / "summary.md").read_text()
+
+    adam_mtime = (ok / "metrics.json").stat().st_mtime_ns
+    shutil.copytree(synth_dir, late_data)
+    again = _sweep(path, "--out", out, "--resume", "--marathon", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "2 runs (1 done)" in again.stdout
+    assert (ok / "metrics.json").stat().st_mtime_ns == adam_mtime  # the finished run was not run again
+    assert json.loads((bad / "metrics.json").read_text())["status"] == "finished"
+    model = out / "models" / "t" / "v1"
+    card = json.loads((model / "model.json").read_text())
+    assert (model / "model.ckpt").is_file() and card["params"]["epochs"] == 3 and card["source_sweep"] == "t"
+    assert {"threshold", "git_commit", "data_fingerprint", "created_at", "metrics"} <= set(card)
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    mux = EventMultiplexer()
+    mux.AddRunsFromDirectory(str(runs))
+    mux.Reload()
+    with_hparams = [r for r, tags in mux.Runs().items() if "_hparams_/session_start_info" in
+                    mux.PluginRunToTagToContent("hparams").get(r, {})]
+    assert {"01-adam/tensorboard", f"{bad.name}/tensorboard", "marathon/tensorboard"} == set(with_hparams)
+    refused = _sweep(path, "--out", out, cwd=tmp_path)
+    assert refused.returncode == 1 and "pass --resume" in refused.stderr
