@@ -29,3 +29,15 @@ def data_copy(synth_dir, tmp_path):
     dst = tmp_path / "data"
     shutil.copytree(synth_dir, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synth_dir, tmp_path_factory):
+    """A run directory trained for two epochs on the synthetic data (64 px, tiny UNet)."""
+    from pneumo.config import TrainConfig
+    from pneumo.training import fit
+
+    run_dir = tmp_path_factory.mktemp("tiny-run") / "run"
+    fit(TrainConfig(data_dir=str(synth_dir), epochs=2, image_size=64, depth=3, width=4, batch_size=8,
+                    n_val_images=2), run_dir)
+    return run_dir

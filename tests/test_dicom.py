@@ -96,7 +96,7 @@ def test_resize_area_averages():
 
 @pytest.mark.parametrize("case,reason", [
     ("text", "not a DICOM"),
-    ("empty", "not a DICOM"),
+    ("empty", "empty file"),
     ("truncated", ""),
     ("no_pixels", "no pixel data"),
     ("rgb", "not a grayscale"),

@@ -103,6 +103,27 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from pneumo.predict import predict_folder
+
+    summary = predict_folder(args.model, args.images_dir, args.out, threshold=args.threshold,
+                             min_box_area=args.min_box_area, tta=args.tta, labels=args.labels,
+                             batch_size=args.batch_size, workers=args.workers, save_images=not args.no_images)
+    rate = f", {summary['images_per_second']:.1f} images/s" if summary["images_per_second"] else ""
+    print(f"{summary['n_predicted']} predicted ({summary['n_with_boxes']} with boxes), {summary['n_errors']} errors "
+          f"(errors.csv){rate}; outputs in {summary['out']}")
+    if "map" in summary:
+        print(f"mAP {summary['map']:.4f} over {summary['n_scored']} scored images (score.json)")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from pneumo.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, threshold=args.threshold, min_box_area=args.min_box_area)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pneumo", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -149,6 +170,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="finish the runs that are not done")
     p.add_argument("--marathon", action="store_true", help="then train the best run longer into a model")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("predict", help="boxes for a folder of DICOMs: submission.csv, annotations.json, PNGs")
+    p.add_argument("model", type=Path, help="run dir, model dir (outputs/models/<name>[/vN]) or .ckpt file")
+    p.add_argument("images_dir", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--threshold", type=float, default=None, help="box probability threshold (default: the model's)")
+    p.add_argument("--min-box-area", type=float, default=None, help="in original pixels (default: the model's)")
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument("--labels", type=Path, default=None, help="labels CSV: draw ground truth and score")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: up to 2)")
+    p.add_argument("--no-images", action="store_true", help="skip the annotated PNGs")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="HTTP service: POST /predict a DICOM, get boxes")
+    p.add_argument("model", type=Path)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--min-box-area", type=float, default=None)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("score", help="official RSNA mAP of a submission against labels")
     p.add_argument("submission", type=Path)

@@ -78,6 +78,8 @@ def _read_dataset(path: Path):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    if path.is_file() and path.stat().st_size == 0:
+        raise DicomError(path, "empty file")
     try:
         with quiet_pydicom():
             return pydicom.dcmread(path)

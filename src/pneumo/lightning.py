@@ -20,7 +20,7 @@ from pneumo.io import atomic_write_json
 from pneumo.metrics import THRESHOLDS, mean_average_precision
 from pneumo.model import UNet
 
-THRESHOLD_GRID = tuple(np.round(np.arange(0.2, 0.91, 0.05), 2))
+THRESHOLD_GRID = tuple(np.round(np.arange(0.2, 0.96, 0.05), 2))
 
 
 class TrainingDiverged(RuntimeError):
@@ -234,7 +234,8 @@ class OpacityModule(L.LightningModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
         return loss
 
-    def on_train_epoch_end(self):
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # validation runs before on_train_epoch_end, so the epoch's training time is taken here
         self._train_time = time.perf_counter() - self._epoch_start
 
     def validation_step(self, batch, batch_idx):

@@ -1,0 +1,250 @@
+"""Batch inference on DICOM files: annotations.json, Kaggle submission.csv, annotated PNGs, errors.csv.
+
+Every input file ends up in exactly one of submission.csv and errors.csv. Per-image results
+are written as they come (OUT/.parts/), so an interrupted run re-run with the same model and
+settings skips what is done; the final files are written atomically at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pneumo.boxes import check_patient_id, format_prediction_string
+from pneumo.errors import DicomError, PneumoError
+from pneumo.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(PneumoError):
+    """A model path that is not a checkpoint, run directory or model directory."""
+
+
+def resolve_checkpoint(path) -> tuple[Path, dict]:
+    """(checkpoint file, model card or {}) for a checkpoint, run dir, model dir or model family dir."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path, {}
+    if (path / "model.ckpt").is_file():
+        card = path / "model.json"
+        return path / "model.ckpt", json.loads(card.read_text()) if card.is_file() else {}
+    if (path / "checkpoints" / "best.ckpt").is_file():
+        return path / "checkpoints" / "best.ckpt", {}
+    versions = sorted((p for p in path.glob("v*") if p.name[1:].isdigit() and (p / "model.ckpt").is_file()),
+                      key=lambda p: int(p.name[1:]))
+    if versions:  # a model family: outputs/models/<name>/ -> its latest version
+        return resolve_checkpoint(versions[-1])
+    if not path.exists():
+        raise ModelError(f"{path}: no such model (give a .ckpt file, a run directory or a model directory)")
+    raise ModelError(f"{path}: no model.ckpt, checkpoints/best.ckpt or v*/model.ckpt inside")
+
+
+@dataclass
+class Predictor:
+    """A trained UNet with what it needs to turn images into boxes."""
+
+    net: "torch.nn.Module"  # noqa: F821
+    config: "TrainConfig"  # noqa: F821
+    threshold: float
+    min_box_area: float
+    name: str
+    device: "torch.device"  # noqa: F821
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    def probabilities(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
+        """(B, S, S) uint8 at model resolution -> (B, S, S) float32 probabilities."""
+        import torch
+
+        x = torch.from_numpy(batch).to(self.device)[:, None].float() / 255.0
+        with torch.inference_mode():
+            prob = torch.sigmoid(self.net(x))
+            if tta:  # horizontal flip: predict on the mirror image and mirror back
+                prob = (prob + torch.sigmoid(self.net(x.flip(-1))).flip(-1)) / 2
+        return prob[:, 0].float().cpu().numpy()
+
+    def boxes(self, prob: np.ndarray, rows: int, columns: int):
+        """Boxes (x, y, w, h) in the image's own frame and their confidences."""
+        from pneumo.lightning import predictions_from_probability
+
+        sx, sy = columns / self.image_size, rows / self.image_size
+        return predictions_from_probability(prob, self.threshold, self.min_box_area / (sx * sy), sx, sy)
+
+
+def load_predictor(model, threshold: float | None = None, min_box_area: float | None = None,
+                   device: str | None = None) -> Predictor:
+    """Rebuild the predictor from a checkpoint alone (weights_only loading: no pickled code)."""
+    import torch
+
+    from pneumo.config import TrainConfig
+    from pneumo.model import UNet
+
+    ckpt_path, card = resolve_checkpoint(model)
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        config = TrainConfig.from_dict(ckpt["hyper_parameters"]["config"])
+        state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    except Exception as exc:  # torch raises many types for files that are not pneumo checkpoints
+        raise ModelError(f"{ckpt_path}: not a pneumo checkpoint ({type(exc).__name__}: {exc})") from None
+    net = UNet(config.width, config.depth)
+    net.load_state_dict(state)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net.to(dev).eval()
+    extra = ckpt.get("pneumo", {})
+    name = f"{card['name']}/{card['version']}" if card else str(ckpt_path)
+    return Predictor(net, config,
+                     threshold if threshold is not None else float(extra.get("threshold", config.threshold)),
+                     min_box_area if min_box_area is not None else float(extra.get("min_box_area", config.min_box_area)),
+                     name, dev)
+
+
+# ---------------------------------------------------------------- batch
+
+
+def _input_files(images_dir: Path) -> list[Path]:
+    if not images_dir.is_dir():
+        raise PneumoError(f"{images_dir}: images directory does not exist")
+    return sorted(p for p in images_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+class _Decoded:
+    """DataLoader items: decoding happens in worker processes, in parallel with inference."""
+
+    def __init__(self, files, size: int):
+        self.files, self.size = files, size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from pneumo.dicom import read_dicom, resize_area
+
+        path = self.files[i]
+        try:
+            check_patient_id(path.stem)
+            image, meta = read_dicom(path)
+        except DicomError as exc:
+            return {"path": str(path), "error": exc.reason}
+        except ValueError as exc:
+            return {"path": str(path), "error": str(exc)}
+        return {"path": str(path), "patientId": path.stem, "image": image, "small": resize_area(image, self.size)}
+
+
+def _settings_key(predictor: Predictor, tta: bool) -> str:
+    return hashlib.sha256(json.dumps([predictor.name, predictor.threshold, predictor.min_box_area, tta,
+                                      predictor.image_size]).encode()).hexdigest()[:16]
+
+
+def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tta: bool = False, labels=None,
+                   batch_size: int = 16, workers: int | None = None, save_images: bool = True) -> dict:
+    """Predict every file of images_dir into out; returns the summary (and the score with labels)."""
+    import torch
+
+    from pneumo.render import annotate
+
+    predictor = model if isinstance(model, Predictor) else load_predictor(model, threshold, min_box_area)
+    images_dir, out = Path(images_dir), Path(out)
+    files = _input_files(images_dir)
+    parts = out / ".parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    key = _settings_key(predictor, tta)
+    settings = parts / "settings.json"
+    if settings.is_file() and json.loads(settings.read_text()).get("key") != key:
+        for p in parts.glob("*.json"):  # other model or settings: start over
+            p.unlink()
+    atomic_write_json(settings, {"key": key, "model": predictor.name})
+    gt = None
+    if labels:
+        from pneumo.metrics import read_labels
+
+        gt = read_labels(labels)
+
+    def part_path(path: Path) -> Path:
+        return parts / f"{path.name}.json"
+
+    todo = [f for f in files if not part_path(f).is_file()]
+    if len(todo) < len(files):
+        log.info("skipping %d files done by an earlier run", len(files) - len(todo))
+    if save_images:
+        (out / "images").mkdir(exist_ok=True)
+    n_workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(_Decoded(todo, predictor.image_size), batch_size=batch_size,
+                                         num_workers=n_workers if len(todo) > batch_size else 0,
+                                         collate_fn=list)
+    start = time.perf_counter()
+    from pneumo.progress import track
+
+    seen_ids: dict[str, str] = {}
+    for batch in track(loader, len(loader), "predicting"):
+        good = [item for item in batch if "error" not in item]
+        for item in batch:
+            if "error" in item:
+                atomic_write_json(part_path(Path(item["path"])), {"path": item["path"], "error": item["error"]})
+        if not good:
+            continue
+        probs = predictor.probabilities(np.stack([item["small"] for item in good]), tta=tta)
+        for item, prob in zip(good, probs):
+            path, pid = Path(item["path"]), item["patientId"]
+            if pid in seen_ids:
+                atomic_write_json(part_path(path), {"path": str(path), "error": f"duplicate patientId (also {seen_ids[pid]})"})
+                continue
+            seen_ids[pid] = str(path)
+            rows, columns = item["image"].shape
+            boxes, conf = predictor.boxes(prob, rows, columns)
+            if save_images:
+                truth = gt.get(pid, ()) if gt is not None else ()
+                png = out / "images" / f"{pid}.png"
+                tmp = png.with_name(f".{png.name}.tmp")
+                annotate(item["image"], boxes, conf, truth).save(tmp, format="PNG", compress_level=3)
+                os.replace(tmp, png)
+            atomic_write_json(part_path(path), {
+                "path": str(path), "patientId": pid, "image_size": [rows, columns],
+                "boxes": [{"x": float(b[0]), "y": float(b[1]), "width": float(b[2]), "height": float(b[3]),
+                           "confidence": round(float(c), 4)} for b, c in zip(boxes, conf)]})
+    seconds = time.perf_counter() - start
+    return _assemble(files, part_path, out, predictor, gt, len(todo), seconds)
+
+
+def _assemble(files, part_path, out: Path, predictor: Predictor, gt, n_new: int, seconds: float) -> dict:
+    """The final files from the per-image parts, each written atomically."""
+    annotations, submission, errors = {}, ["patientId,PredictionString"], ["path,reason"]
+    for f in files:
+        record = json.loads(part_path(f).read_text())
+        if "error" in record:
+            reason = record["error"].replace('"', "'")
+            errors.append(f'"{record["path"]}","{reason}"')
+            continue
+        boxes = record["boxes"]
+        annotations[record["patientId"]] = {"image_size": record["image_size"], "boxes": boxes}
+        text = format_prediction_string([[b["x"], b["y"], b["width"], b["height"]] for b in boxes],
+                                        [b["confidence"] for b in boxes])
+        submission.append(f"{record['patientId']},{text}")
+    atomic_write_json(out / "annotations.json", {"model": predictor.name, "threshold": predictor.threshold,
+                                                 "images": annotations})
+    atomic_write_text(out / "submission.csv", "\n".join(submission) + "\n")
+    atomic_write_text(out / "errors.csv", "\n".join(errors) + "\n")
+    summary = {"n_inputs": len(files), "n_predicted": len(annotations),
+               "n_with_boxes": sum(1 for a in annotations.values() if a["boxes"]), "n_errors": len(errors) - 1,
+               "images_per_second": round(n_new / seconds, 1) if seconds > 0 and n_new else None,
+               "out": str(out), "model": predictor.name}
+    if gt is not None:
+        from pneumo.metrics import mean_average_precision
+        from pneumo.metrics import read_submission
+
+        preds = read_submission(out / "submission.csv")
+        scored = {pid: boxes for pid, boxes in gt.items() if pid in preds}
+        score = mean_average_precision(scored, preds)
+        atomic_write_json(out / "score.json", score.to_dict())
+        summary["map"] = score.map
+        summary["n_scored"] = score.n_images
+    return summary

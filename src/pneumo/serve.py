@@ -1,0 +1,106 @@
+"""`pneumo serve`: an HTTP service around one loaded model (FastAPI + uvicorn).
+
+POST /predict  one DICOM (multipart field `file`, or JSON {"dicom_base64": ...}) -> boxes
+GET  /health   liveness and the model name
+GET  /model    the model card
+"""
+
+
+import base64
+import binascii
+import io
+import tempfile
+from pathlib import Path
+
+MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a 1024 x 1024 x 16-bit CR is 2 MB; 64 MB leaves room for large detectors
+
+
+def create_app(model, threshold: float | None = None, min_box_area: float | None = None):
+    import threading
+
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import JSONResponse
+
+    from pneumo.dicom import read_dicom, resize_area
+    from pneumo.errors import DicomError
+    from pneumo.predict import load_predictor, resolve_checkpoint
+
+    predictor = load_predictor(model, threshold, min_box_area)  # once, at start-up
+    _, card = resolve_checkpoint(model)
+    lock = threading.Lock()  # one forward pass at a time: torch already uses every core
+    app = FastAPI(title="pneumo", description="Pneumonia opacity boxes for chest X-ray DICOMs")
+
+    def predict_bytes(data: bytes, filename: str, annotated: bool) -> dict:
+        if not data:
+            raise HTTPException(400, "empty upload")
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise HTTPException(413, f"upload of {len(data)} bytes is over the {MAX_UPLOAD_BYTES} byte limit")
+        # pydicom reads from a path; a temporary file keeps one reading code path for CLI and service
+        with tempfile.NamedTemporaryFile(suffix=".dcm") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            try:
+                image, meta = read_dicom(tmp.name)
+            except DicomError as exc:
+                raise HTTPException(422, f"{filename or 'upload'}: {exc.reason}") from None
+        with lock:
+            prob = predictor.probabilities(resize_area(image, predictor.image_size)[None])[0]
+        boxes, conf = predictor.boxes(prob, *image.shape)
+        patient_id = Path(filename).stem if filename else (meta.PatientID or "upload")
+        result = {
+            "patientId": patient_id,
+            "boxes": [{"x": float(b[0]), "y": float(b[1]), "width": float(b[2]), "height": float(b[3]),
+                       "confidence": round(float(c), 4)} for b, c in zip(boxes, conf)],
+            "image_size": [int(image.shape[0]), int(image.shape[1])],
+            "model": predictor.name,
+        }
+        if annotated:
+            from pneumo.render import annotate
+
+            buf = io.BytesIO()
+            annotate(image, boxes, conf).save(buf, format="PNG")
+            result["annotated_png_base64"] = base64.b64encode(buf.getvalue()).decode()
+        return result
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": predictor.name}
+
+    @app.get("/model")
+    def model_card():
+        return {"name": predictor.name, "threshold": predictor.threshold, "min_box_area": predictor.min_box_area,
+                "image_size": predictor.image_size, "params": predictor.config.to_dict(), "card": card}
+
+    @app.post("/predict")
+    async def predict(request: Request, annotated: bool = False):
+        content_type = request.headers.get("content-type", "")
+        length = int(request.headers.get("content-length") or 0)
+        if length > MAX_UPLOAD_BYTES + 1024 * 1024:
+            raise HTTPException(413, f"upload of {length} bytes is over the {MAX_UPLOAD_BYTES} byte limit")
+        if content_type.startswith("multipart/form-data"):
+            form = await request.form()
+            upload = form.get("file")
+            if upload is None or not hasattr(upload, "read"):
+                raise HTTPException(400, "multipart upload needs a file field named 'file'")
+            data, filename = await upload.read(), upload.filename or ""
+        elif content_type.startswith("application/json"):
+            try:
+                body = await request.json()
+                data = base64.b64decode(body["dicom_base64"], validate=True)
+            except (ValueError, KeyError, TypeError, binascii.Error):
+                raise HTTPException(400, "JSON body needs 'dicom_base64': the DICOM file in base64") from None
+            filename = str(body.get("filename", ""))
+        else:
+            raise HTTPException(415, "send multipart/form-data with a 'file' field, or JSON with 'dicom_base64'")
+        # decoding and inference are blocking: run them off the event loop
+        from starlette.concurrency import run_in_threadpool
+
+        return JSONResponse(await run_in_threadpool(predict_bytes, data, filename, annotated))
+
+    return app
+
+
+def serve(model, host: str = "127.0.0.1", port: int = 8000, threshold=None, min_box_area=None) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(model, threshold, min_box_area), host=host, port=port, log_level="info")

@@ -1,0 +1,103 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from PIL import Image
+
+from pneumo.boxes import parse_prediction_string
+from pneumo.predict import ModelError, load_predictor, predict_folder, resolve_checkpoint
+
+
+@pytest.fixture
+def mixed_dir(synth_dir, tmp_path):
+    """Good test DICOMs plus corrupt, non-DICOM, empty and pixel-less files."""
+    d = tmp_path / "mixed"
+    shutil.copytree(synth_dir / "stage_2_test_images", d)
+    good = sorted(d.glob("*.dcm"))
+    (d / "notes.txt").write_text("not an image")
+    (d / "empty.dcm").write_bytes(b"")
+    (d / "truncated.dcm").write_bytes(good[0].read_bytes()[:300])
+    ds = pydicom.dcmread(good[1])
+    del ds.PixelData
+    ds.save_as(d / "nopixels.dcm")
+    return d
+
+
+def test_every_input_is_accounted_for(tiny_run, mixed_dir, tmp_path, synth_dir):
+    out = tmp_path / "pred"
+    summary = predict_folder(tiny_run, mixed_dir, out, labels=synth_dir / "stage_2_test_labels.csv", workers=0)
+    sub = pd.read_csv(out / "submission.csv", dtype=str, keep_default_na=False)
+    errors = pd.read_csv(out / "errors.csv")
+    assert list(sub.columns) == ["patientId", "PredictionString"]
+    inputs = {p.name for p in mixed_dir.iterdir()}
+    accounted = {f"{p}.dcm" for p in sub["patientId"]} | {p.split("/")[-1] for p in errors["path"]}
+    assert accounted == inputs and len(sub) + len(errors) == len(inputs)
+    assert set(errors["path"].str.split("/").str[-1]) == {"notes.txt", "empty.dcm", "truncated.dcm", "nopixels.dcm"}
+    assert "no pixel data" in errors.set_index(errors["path"].str.split("/").str[-1]).loc["nopixels.dcm", "reason"]
+    for text in sub["PredictionString"]:
+        parse_prediction_string(text)  # Kaggle format, or empty
+    annotations = json.loads((out / "annotations.json").read_text())
+    assert set(annotations["images"]) == set(sub["patientId"])
+    assert all(a["image_size"] == [256, 256] for a in annotations["images"].values())
+    pngs = list((out / "images").glob("*.png"))
+    assert len(pngs) == len(sub)
+    assert Image.open(pngs[0]).size == (256, 256)
+    assert "map" in summary and json.loads((out / "score.json").read_text())["map"] == summary["map"]
+
+
+def test_rerun_skips_what_is_done(tiny_run, synth_dir, tmp_path):
+    out = tmp_path / "pred"
+    predict_folder(tiny_run, synth_dir / "stage_2_test_images", out, workers=0)
+    first = (out / "submission.csv").read_text()
+    victim = sorted((out / ".parts").glob("*.dcm.json"))[0]
+    victim.unlink()  # as if the run had been killed before this image
+    stamps = {p: p.stat().st_mtime_ns for p in (out / ".parts").glob("*.dcm.json")}
+    summary = predict_folder(tiny_run, synth_dir / "stage_2_test_images", out, workers=0)
+    assert (out / "submission.csv").read_text() == first
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # done images were not redone
+    assert summary["n_predicted"] == 8
+
+
+def test_threshold_override_and_tta(tiny_run, synth_dir, tmp_path):
+    strict = predict_folder(tiny_run, synth_dir / "stage_2_test_images", tmp_path / "a", threshold=0.999,
+                            workers=0, save_images=False)
+    assert strict["n_with_boxes"] == 0
+    predictor = load_predictor(tiny_run)
+    batch = np.random.default_rng(0).integers(0, 255, (2, 64, 64), dtype=np.uint8)
+    assert predictor.probabilities(batch, tta=True).shape == (2, 64, 64)
+
+
+def test_model_paths(tiny_run, tmp_path):
+    ckpt = tiny_run / "checkpoints" / "best.ckpt"
+    assert resolve_checkpoint(tiny_run)[0] == ckpt
+    assert resolve_checkpoint(ckpt)[0] == ckpt
+    family = tmp_path / "models" / "m"
+    for v in ("v1", "v2", "v10"):
+        (family / v).mkdir(parents=True)
+        shutil.copy(ckpt, family / v / "model.ckpt")
+        (family / v / "model.json").write_text(json.dumps({"name": "m", "version": v}))
+    path, card = resolve_checkpoint(family)
+    assert path == family / "v10" / "model.ckpt" and card["version"] == "v10"
+    assert load_predictor(family).name == "m/v10"
+    with pytest.raises(ModelError, match="no such model"):
+        resolve_checkpoint(tmp_path / "nothing")
+    bogus = tmp_path / "bogus.ckpt"
+    bogus.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="not a pneumo checkpoint"):
+        load_predictor(bogus)
+
+
+def test_cli_summary_and_missing_dir(tiny_run, synth_dir, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pneumo", "predict", str(tiny_run), str(synth_dir / "stage_2_test_images"),
+                          "--out", str(tmp_path / "p"), "--labels", str(synth_dir / "stage_2_test_labels.csv")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "8 predicted" in out.stdout and "0 errors" in out.stdout and "mAP" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "pneumo", "predict", str(tiny_run), str(tmp_path / "none"),
+                          "--out", str(tmp_path / "q")], capture_output=True, text=True)
+    assert out.returncode == 1 and "images directory does not exist" in out.stderr and "Traceback" not in out.stderr
