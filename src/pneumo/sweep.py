@@ -455,7 +455,7 @@ def sweep(params_file, out="outputs", data_dir=None, max_parallel: int | None = 
           marathon: bool = False) -> dict:
     """Run a sweep (and optionally its marathon); returns where everything is and which runs failed."""
     spec = load_sweep(params_file, data_dir=data_dir)
-    out = Path(out)
+    out = Path(out).resolve()  # runs execute with their run directory as working directory
     runs_root = out / "runs" / spec.name
     sweeps_root = out / "sweeps"
     started = [r for r in spec.runs if r.dir(runs_root).exists()]
