@@ -1,9 +1,9 @@
 """The project's own files stay in step: environment.yml mirrors pyproject.toml."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -51,7 +51,7 @@ def layout(data_dir) -> Layout:
     return Layout(root)
 
 
-def read_csv(path, columns) -> "pd.DataFrame":  # noqa: F821
+def read_csv(path, columns) -> pd.DataFrame:  # noqa: F821
     """A CSV with the required columns (patientId as str), or DataError naming what is wrong."""
     import pandas as pd
 

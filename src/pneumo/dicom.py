@@ -8,8 +8,8 @@ the user can act on.
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

@@ -51,12 +51,12 @@ def resolve_checkpoint(path) -> tuple[Path, dict]:
 class Predictor:
     """A trained UNet with what it needs to turn images into boxes."""
 
-    net: "torch.nn.Module"  # noqa: F821
-    config: "TrainConfig"  # noqa: F821
+    net: torch.nn.Module  # noqa: F821
+    config: TrainConfig  # noqa: F821
     threshold: float
     min_box_area: float
     name: str
-    device: "torch.device"  # noqa: F821
+    device: torch.device  # noqa: F821
 
     @property
     def image_size(self) -> int:
@@ -238,8 +238,7 @@ def _assemble(files, part_path, out: Path, predictor: Predictor, gt, n_new: int,
                "images_per_second": round(n_new / seconds, 1) if seconds > 0 and n_new else None,
                "out": str(out), "model": predictor.name}
     if gt is not None:
-        from pneumo.metrics import mean_average_precision
-        from pneumo.metrics import read_submission
+        from pneumo.metrics import mean_average_precision, read_submission
 
         preds = read_submission(out / "submission.csv")
         scored = {pid: boxes for pid, boxes in gt.items() if pid in preds}

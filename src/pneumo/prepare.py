@@ -23,7 +23,15 @@ from pathlib import Path
 import numpy as np
 
 from pneumo.boxes import check_patient_id
-from pneumo.data import CLASS_COLUMNS, LABEL_COLUMNS, POSITIVE_CLASS, dicom_files, layout, read_csv, scan
+from pneumo.data import (
+    CLASS_COLUMNS,
+    LABEL_COLUMNS,
+    POSITIVE_CLASS,
+    dicom_files,
+    layout,
+    read_csv,
+    scan,
+)
 from pneumo.errors import DataError
 from pneumo.io import atomic_dir, atomic_write_json
 
@@ -104,8 +112,8 @@ class Prepared:
 
     root: Path
     manifest: dict
-    features: "pd.DataFrame"  # noqa: F821
-    boxes: "pd.DataFrame"  # noqa: F821
+    features: pd.DataFrame  # noqa: F821
+    boxes: pd.DataFrame  # noqa: F821
 
     @property
     def image_size(self) -> int:

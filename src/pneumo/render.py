@@ -20,7 +20,7 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def annotate(image: np.ndarray, pred_boxes=(), confidences=(), gt_boxes=()) -> "Image.Image":  # noqa: F821
+def annotate(image: np.ndarray, pred_boxes=(), confidences=(), gt_boxes=()) -> Image.Image:  # noqa: F821
     """An RGB Pillow image of a uint8 grey image with boxes in its own pixel frame."""
     from PIL import Image, ImageDraw
 

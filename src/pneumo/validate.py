@@ -8,7 +8,15 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pneumo.boxes import check_patient_id
-from pneumo.data import CLASS_COLUMNS, LABEL_COLUMNS, POSITIVE_CLASS, dicom_files, layout, read_csv, scan
+from pneumo.data import (
+    CLASS_COLUMNS,
+    LABEL_COLUMNS,
+    POSITIVE_CLASS,
+    dicom_files,
+    layout,
+    read_csv,
+    scan,
+)
 from pneumo.errors import DataError
 
 EXPECTED_SIZE = (1024, 1024)  # frame assumed for boxes of a patient whose image is unusable
