@@ -92,7 +92,7 @@ def cmd_sweep(args) -> int:
     from pneumo.sweep import sweep
 
     result = sweep(args.params, out=args.out, data_dir=args.data_dir, max_parallel=args.max_parallel,
-                   resume=args.resume, marathon=args.marathon)
+                   resume=args.resume, marathon=args.marathon, cluster=args.cluster, cluster_file=args.cluster_file)
     print(f"summary: {result['summary']}\ncompare runs: tensorboard --logdir {result['runs_dir']}")
     if result.get("model"):
         print(f"model: {result['model']} (marathon val mAP {result['marathon_val_map']:.4f})")
@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs at once (default: one per GPU, else one per CPU core)")
     p.add_argument("--resume", action="store_true", help="finish the runs that are not done")
     p.add_argument("--marathon", action="store_true", help="then train the best run longer into a model")
+    p.add_argument("--cluster", default=None, metavar="WHERE",
+                   help="run on Dask: 'local', 'slurm', 'htcondor', 'pbs' (params/cluster/<name>.yaml) or a scheduler address")
+    p.add_argument("--cluster-file", type=Path, default=None, help="cluster YAML (default params/cluster/<kind>.yaml)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("predict", help="boxes for a folder of DICOMs: submission.csv, annotations.json, PNGs")

@@ -2,8 +2,9 @@
 
 A params file names the notebook, the base parameters and the runs (a list and/or a grid).
 Every run is validated against the notebook's parameters cell and TrainConfig before any
-starts. Runs execute in parallel: one per visible GPU with CUDA_VISIBLE_DEVICES set, or on
-the CPU with the cores split between them. A failed or killed run is recorded and the others
+starts. Runs execute in parallel (pneumo.executors): one per visible GPU with
+CUDA_VISIBLE_DEVICES set, or on the CPU with the cores split between them, or as tasks of a
+Dask cluster. A failed or killed run is recorded and the others
 go on; --resume finishes what is not done. The marathon trains the best run longer into a
 versioned model under outputs/models/.
 """
@@ -14,7 +15,6 @@ import itertools
 import json
 import logging
 import os
-import queue
 import re
 import shutil
 import signal
@@ -218,7 +218,8 @@ def execute_run(notebook: Path, run: Run, run_dir: Path, env_extra: dict, stop: 
         logfile.flush()
         # own session: Ctrl-C in the terminal reaches the sweep, which stops the runs itself
         proc = subprocess.Popen(papermill_command(notebook, run_dir, params_file), stdout=logfile,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent)
         while proc.poll() is None:
             if stop.wait(0.5):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -239,6 +240,25 @@ def execute_run(notebook: Path, run: Run, run_dir: Path, env_extra: dict, stop: 
 
 
 _EXCEPTION_LINE = re.compile(r"^[A-Z][\w.]*(Error|Exception|Diverged|Interrupt|Exit)\w*: .+")
+
+
+def _load_libc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # not Linux: runs are still stopped by the sweep on Ctrl-C
+        return None
+
+
+_LIBC = _load_libc()  # loaded in the parent: the child between fork and exec must not import
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the thread that started it dies (a killed
+    sweep or Dask worker), so no orphaned run keeps writing into a directory being retried."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _last_error(log_path: Path) -> str:
@@ -271,6 +291,8 @@ class StatusBoard:
         state = self.state[name]
         if state == "running":
             status = _read_json(self.runs_root / name / "status.json")
+            if status.get("state") == "done":
+                return "finishing (saving the executed notebook)"
             if status.get("epoch"):
                 return f"running epoch {status['epoch']}/{status.get('epochs', '?')}  val mAP {status.get('val_map', 0):.3f}"
             return "running (starting kernel)"
@@ -311,49 +333,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-
-
-def run_all(notebook: Path, runs: list[Run], runs_root: Path, slots: list[dict]) -> list[dict]:
-    """Execute runs over the slots (a free slot per run); Ctrl-C stops them, leaving them resumable."""
-    free: queue.Queue = queue.Queue()
-    for env in slots:
-        free.put(env)
-    stop = threading.Event()
-    board = StatusBoard(runs, runs_root)
-    results: dict[str, dict] = {}
-    lock = threading.Lock()
-
-    def worker(run: Run):
-        env = free.get()
-        try:
-            if stop.is_set():
-                return
-            with lock:
-                board.update(run.name, "running")
-            result = execute_run(notebook, run, run.dir(runs_root), env, stop)
-            with lock:
-                results[run.name] = result
-                board.update(run.name, result["state"])
-        finally:
-            free.put(env)
-
-    threads = [threading.Thread(target=worker, args=(r,), daemon=True) for r in runs]
-    for t in threads:
-        t.start()
-    try:
-        while any(t.is_alive() for t in threads):
-            time.sleep(1.0)
-            with lock:
-                board.update()
-    except KeyboardInterrupt:
-        stop.set()
-        print("\nstopping runs (they resume with --resume) ...", file=sys.stderr, flush=True)
-        for t in threads:
-            t.join()
-        raise
-    finally:
-        board.close()
-    return [results.get(r.name, {"run": r.name, "state": "interrupted"}) for r in runs]
 
 
 # ---------------------------------------------------------------- summary and marathon
@@ -452,8 +431,14 @@ def export_model(run_dir: Path, models_root: Path, name: str, source_sweep: str)
 
 
 def sweep(params_file, out="outputs", data_dir=None, max_parallel: int | None = None, resume: bool = False,
-          marathon: bool = False) -> dict:
-    """Run a sweep (and optionally its marathon); returns where everything is and which runs failed."""
+          marathon: bool = False, cluster: str | None = None, cluster_file=None) -> dict:
+    """Run a sweep (and optionally its marathon); returns where everything is and which runs failed.
+
+    cluster: None runs on this machine; 'local', 'slurm', 'htcondor', 'pbs' or a scheduler
+    address run the same runs as Dask tasks (see pneumo.executors).
+    """
+    from pneumo.executors import make_executor
+
     spec = load_sweep(params_file, data_dir=data_dir)
     out = Path(out).resolve()  # runs execute with their run directory as working directory
     runs_root = out / "runs" / spec.name
@@ -463,24 +448,25 @@ def sweep(params_file, out="outputs", data_dir=None, max_parallel: int | None = 
         raise SweepError(f"{runs_root}: this sweep has runs already ({len(started)}); "
                          "pass --resume to finish it, or give the sweep another name")
     pending = [r for r in spec.runs if run_state(r.dir(runs_root)) != "done"]
-    slots = slot_environments(visible_gpus(), max_parallel)
-    device = "GPU " + ",".join(s["CUDA_VISIBLE_DEVICES"] for s in slots) if slots[0]["CUDA_VISIBLE_DEVICES"] else "CPU"
-    print(f"sweep {spec.name}: {len(spec.runs)} runs ({len(spec.runs) - len(pending)} done), "
-          f"{len(slots)} at a time on {device}, {slots[0]['PNEUMO_THREADS']} threads each", flush=True)
-    if pending:
-        _prepare_once(spec, pending, out)
-        start = time.perf_counter()
-        results = run_all(spec.notebook, pending, runs_root, slots)
-        done = [r for r in results if r["state"] == "done"]
-        if done:
-            ideal = sum(r["seconds"] for r in results) / len(slots)
-            print(f"sweep wall time {time.perf_counter() - start:.0f} s (ideal {ideal:.0f} s)", flush=True)
-    rows = summarize(spec, runs_root, sweeps_root)
-    failed = [r["run"] for r in rows if r["status"] != "done"]
-    result = {"sweep": spec.name, "runs_dir": str(runs_root), "summary": str(sweeps_root / spec.name / "summary.md"),
-              "failed": failed, "best": rows[0] if rows and rows[0]["status"] == "done" else None}
-    if marathon:
-        result.update(run_marathon(spec, rows, out, slots))
+    executor = make_executor(cluster, max_parallel, cluster_file)
+    try:
+        print(f"sweep {spec.name}: {len(spec.runs)} runs ({len(spec.runs) - len(pending)} done), "
+              f"{executor.describe()}", flush=True)
+        if pending:
+            _prepare_once(spec, pending, out)
+            start = time.perf_counter()
+            results = executor.run(spec.notebook, pending, runs_root)
+            if any(r["state"] == "done" for r in results) and isinstance(getattr(executor, "slots", None), list):
+                ideal = sum(r["seconds"] for r in results) / len(executor.slots)
+                print(f"sweep wall time {time.perf_counter() - start:.0f} s (ideal {ideal:.0f} s)", flush=True)
+        rows = summarize(spec, runs_root, sweeps_root)
+        failed = [r["run"] for r in rows if r["status"] != "done"]
+        result = {"sweep": spec.name, "runs_dir": str(runs_root), "summary": str(sweeps_root / spec.name / "summary.md"),
+                  "failed": failed, "best": rows[0] if rows and rows[0]["status"] == "done" else None}
+        if marathon:
+            result.update(run_marathon(spec, rows, out, executor.whole_machine()))
+    finally:
+        executor.close()
     return result
 
 
@@ -500,7 +486,7 @@ def _prepare_once(spec: Sweep, runs: list[Run], out: Path) -> None:
                 log.warning("run %s: %s", run.name, exc)
 
 
-def run_marathon(spec: Sweep, rows: list[dict], out: Path, slots: list[dict]) -> dict:
+def run_marathon(spec: Sweep, rows: list[dict], out: Path, executor) -> dict:
     """Train the best run's parameters with the marathon overrides, then export the model."""
     best = next((r for r in rows if r["status"] == "done"), None)
     if best is None:
@@ -508,14 +494,11 @@ def run_marathon(spec: Sweep, rows: list[dict], out: Path, slots: list[dict]) ->
     params = {**next(r.params for r in spec.runs if r.name == best["run"]), **spec.marathon}
     marathon = Run("marathon", params)
     runs_root = out / "runs" / spec.name
-    env = dict(slots[0])
-    cores = os.cpu_count() or 1
-    env.update({"PNEUMO_THREADS": str(cores), "OMP_NUM_THREADS": str(cores), "MKL_NUM_THREADS": str(cores)})
     run_dir = marathon.dir(runs_root)
     if run_state(run_dir) != "done":
         print(f"marathon: {best['run']} trained longer ({', '.join(f'{k}={v}' for k, v in spec.marathon.items())})",
               flush=True)
-        result = run_all(spec.notebook, [marathon], runs_root, [env])[0]
+        result = executor.run(spec.notebook, [marathon], runs_root)[0]
         if result["state"] != "done":
             raise SweepError(f"marathon failed: {result.get('error', result['state'])}; log: {run_dir / 'log.txt'}")
     model_dir = export_model(run_dir, out / "models", spec.name, spec.name)

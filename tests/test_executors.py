@@ -1,0 +1,152 @@
+"""Sweeps on a real Dask cluster (separate worker processes) and dask-jobqueue job scripts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pneumo.executors import jobqueue_cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = str(ROOT / "notebooks" / "02-train.ipynb")
+TINY = {"image_size": 64, "depth": 3, "width": 4, "batch_size": 8, "n_val_images": 2}
+LOOPBACK = {"scheduler_options": {"host": "127.0.0.1"}}  # tests never listen beyond this machine
+
+
+def _cluster_file(tmp_path, kind):
+    settings = yaml.safe_load((ROOT / "params" / "cluster" / f"{kind}.yaml").read_text())
+    path = tmp_path / f"{kind}.yaml"
+    path.write_text(yaml.safe_dump({**settings, **LOOPBACK}))
+    return path
+
+
+def test_slurm_job_script_requests_gpu_walltime_and_environment(tmp_path):
+    cluster, jobs = jobqueue_cluster("slurm", _cluster_file(tmp_path, "slurm"))
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert jobs == 4
+    assert "#SBATCH --gres=gpu:1" in script and "#SBATCH -t 04:00:00" in script
+    assert "source ~/miniforge3/bin/activate pneumo" in script and "--resources GPU=1" in script
+
+
+def test_htcondor_job_script_requests_gpu_and_environment(tmp_path):
+    cluster, _ = jobqueue_cluster("htcondor", _cluster_file(tmp_path, "htcondor"))
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert "request_gpus = 1" in script and "+MaxRuntime = 14400" in script
+    assert "source ~/miniforge3/bin/activate pneumo" in script and "--resources GPU=1" in script
+
+
+def test_pbs_job_script(tmp_path):
+    cluster, _ = jobqueue_cluster("pbs", _cluster_file(tmp_path, "pbs"))
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert "ngpus=1" in script and "walltime=04:00:00" in script
+
+
+def _sweep_file(tmp_path, synth_dir, runs, epochs=2):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "dask", "notebook": NOTEBOOK,
+                                    "base": {"data_dir": str(synth_dir), "epochs": epochs, **TINY}, "runs": runs},
+                                   sort_keys=False))
+    return path
+
+
+class _Restrictions:
+    """Scheduler plugin recording the resource restrictions of every task it sees."""
+
+    name = "record-restrictions"
+
+    def __init__(self):
+        self.seen = {}
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        ts = self.scheduler.tasks.get(key)
+        if ts is not None and "pneumo-run" in str(key):
+            self.seen[str(key)] = dict(ts.resource_restrictions or {})
+
+    async def start(self, scheduler):
+        self.scheduler = scheduler
+
+
+@pytest.fixture
+def gpu_cluster():
+    from distributed import Client, LocalCluster
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    plugin_cls = type("RecordRestrictions", (_Restrictions, SchedulerPlugin), {})
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, resources={"GPU": 1},
+                           host="127.0.0.1", dashboard_address=None)
+    client = Client(cluster)
+    plugin = plugin_cls()
+    client.register_plugin(plugin)
+    yield cluster, client, plugin
+    client.close()
+    cluster.close()
+
+
+@pytest.mark.slow
+def test_two_run_sweep_on_a_local_cluster_with_gpu_resources(gpu_cluster, synth_dir, tmp_path):
+    from pneumo.sweep import sweep
+
+    cluster, client, plugin = gpu_cluster
+    path = _sweep_file(tmp_path, synth_dir, [{"optimizer": "adam"}, {"optimizer": "adamw"}])
+    result = sweep(path, out=tmp_path / "outputs", cluster=cluster.scheduler_address)
+    assert result["failed"] == []
+    runs = tmp_path / "outputs" / "runs" / "dask"
+    for name in ("01-adam", "02-adamw"):
+        assert json.loads((runs / name / "metrics.json").read_text())["status"] == "finished"
+    summary = (tmp_path / "outputs" / "sweeps" / "dask" / "summary.csv").read_text()
+    assert "01-adam,done" in summary and "02-adamw,done" in summary
+    # scheduler-side view: both tasks were submitted requiring one GPU each
+    seen = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins["record-restrictions"].seen)
+    assert len(seen) == 2 and all(r == {"GPU": 1} for r in seen.values())
+
+
+@pytest.mark.slow
+def test_killed_worker_leads_to_a_retry_not_a_lost_run(synth_dir, tmp_path):
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                           dashboard_address=None)
+    client = Client(cluster)
+    try:
+        path = _sweep_file(tmp_path, synth_dir, [{"optimizer": "adam"}], epochs=6)
+        out = tmp_path / "outputs"
+        proc = subprocess.Popen([sys.executable, "-m", "pneumo", "sweep", str(path), "--out", str(out),
+                                 "--cluster", cluster.scheduler_address], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        run_dir = out / "runs" / "dask" / "01-adam"
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            status = run_dir / "status.json"
+            try:
+                if json.loads(status.read_text()).get("epoch", 0) >= 2:
+                    break
+            except (OSError, json.JSONDecodeError):
+                pass
+            time.sleep(0.1)
+        busy = [w for w, keys in client.processing().items() if keys]
+        assert len(busy) == 1, client.processing()
+        pid = client.run(os.getpid, workers=busy)[busy[0]]
+        os.kill(pid, signal.SIGKILL)  # the worker dies mid-run; its nanny starts a new one
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, output[-3000:]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["status"] == "finished" and metrics["epochs_done"] == 6
+        assert (run_dir / "log.txt").read_text().count("=== ") >= 2  # executed again after the loss
+    finally:
+        client.close()
+        cluster.close()
