@@ -199,6 +199,7 @@ class OpacityModule(L.LightningModule):
         self.history: list[dict] = []
         self._val_probs, self._val_rows, self._val_losses = [], [], []
         self._samples, self._epoch_start, self._train_time = 0, 0.0, 0.0
+        self._loss_sum = 0.0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -221,7 +222,7 @@ class OpacityModule(L.LightningModule):
 
     def on_train_epoch_start(self):
         self._epoch_start = time.perf_counter()
-        self._samples = 0
+        self._samples, self._loss_sum = 0, 0.0
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_epoch=True, on_step=False)
 
     def training_step(self, batch, batch_idx):
@@ -231,6 +232,7 @@ class OpacityModule(L.LightningModule):
             raise TrainingDiverged(f"training diverged at epoch {self.current_epoch} (loss {loss.item()}); "
                                    f"lower lr (now {self.config.learning_rate:g} for {self.config.optimizer})")
         self._samples += images.shape[0]
+        self._loss_sum += loss.item() * images.shape[0]
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
         return loss
 
@@ -274,7 +276,9 @@ class OpacityModule(L.LightningModule):
         self.log("hp/val_map", self.best_map)
         epoch_record = {"epoch": self.current_epoch + 1, "val_map": round(score.map, 5), "val_loss": round(val_loss, 5),
                         "threshold": self.threshold, "per_threshold": score.per_threshold,
-                        "train_loss": _metric(self.trainer, "train/loss"),
+                        # validation runs inside the training epoch, before Lightning's epoch
+                        # aggregate of train/loss exists: the mean is kept here instead
+                        "train_loss": round(self._loss_sum / self._samples, 5) if self._samples else None,
                         "train_images_per_s": round(self._samples / self._train_time, 1) if self._train_time else None}
         self.history.append(epoch_record)
         if self.config.n_val_images and (improved or not self.trainer.training):
@@ -357,11 +361,6 @@ class OpacityModule(L.LightningModule):
         self.threshold = state.get("threshold", self.threshold)
         self.best_map = state.get("best_val_map", self.best_map)
         self.history = list(state.get("history", []))
-
-
-def _metric(trainer, name):
-    value = trainer.callback_metrics.get(name)
-    return round(float(value), 5) if value is not None else None
 
 
 def _display_rows(rows, dm, n):
