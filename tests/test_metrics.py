@@ -130,3 +130,21 @@ def test_malformed_submission_names_the_patient(tmp_path, labels_csv):
     assert out.returncode == 1
     assert "patientId a" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_batched_dataset_score_equals_per_image_scores():
+    rng = np.random.default_rng(1)
+    gt, preds, per_image = {}, {}, []
+    for i in range(400):
+        n_gt, n_pred = rng.integers(0, 4), rng.integers(0, 4)
+        g = np.array([(*rng.integers(0, 40, 2), *rng.integers(4, 40, 2)) for _ in range(n_gt)], float).reshape(-1, 4)
+        p = np.array([(*rng.integers(0, 40, 2), *rng.integers(4, 40, 2)) for _ in range(n_pred)], float).reshape(-1, 4)
+        c = rng.permutation(n_pred) / 10 + 0.05
+        gt[f"p{i}"], preds[f"p{i}"] = g, (p, c)
+        prec = image_precisions(g, p, c)
+        if prec is not None:
+            per_image.append(prec.mean())
+    score = mean_average_precision(gt, preds)
+    assert score.n_images == len(per_image)
+    assert score.map == pytest.approx(np.mean(per_image), abs=1e-12)
+    assert sorted(score.per_image.values()) == pytest.approx(sorted(per_image))

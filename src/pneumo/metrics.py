@@ -19,6 +19,28 @@ from pneumo.errors import SubmissionError
 THRESHOLDS = tuple(np.round(np.arange(0.40, 0.751, 0.05), 2))
 
 
+def _greedy_true_positives(ious: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """True positives per image and threshold: ious is (n_images, n_pred, n_gt), predictions
+    in descending confidence order; the result is (n_images, n_thresholds).
+
+    Each prediction in turn takes the still-unmatched ground-truth box of highest IoU; a hit
+    needs IoU strictly greater than the threshold. All images and thresholds advance together,
+    so the Python loop runs n_pred times, not once per image and threshold.
+    """
+    n_img, n_pred, n_gt = ious.shape
+    n_t = len(thresholds)
+    free = np.ones((n_img, n_t, n_gt), dtype=bool)
+    tp = np.zeros((n_img, n_t), dtype=np.int64)
+    img_idx, t_idx = np.meshgrid(np.arange(n_img), np.arange(n_t), indexing="ij")
+    for k in range(n_pred):
+        candidates = np.where(free, ious[:, None, k, :], -1.0)
+        best = candidates.argmax(axis=2)
+        hit = np.take_along_axis(candidates, best[..., None], axis=2)[..., 0] > thresholds
+        free[img_idx[hit], t_idx[hit], best[hit]] = False
+        tp += hit
+    return tp
+
+
 def image_precisions(gt_boxes, pred_boxes, confidences, thresholds=THRESHOLDS):
     """Precision TP / (TP + FP + FN) at each threshold for one image, or None if it is skipped."""
     gt, pred = as_boxes(gt_boxes), as_boxes(pred_boxes)
@@ -28,20 +50,8 @@ def image_precisions(gt_boxes, pred_boxes, confidences, thresholds=THRESHOLDS):
     if n_gt == 0 or n_pred == 0:
         return np.zeros(len(thresholds))
     order = np.argsort(-np.asarray(confidences, dtype=np.float64), kind="stable")
-    ious = iou_matrix(pred[order], gt)  # (n_pred, n_gt), once for all thresholds
-    result = np.empty(len(thresholds))
-    for k, t in enumerate(thresholds):
-        free = np.ones(n_gt, dtype=bool)
-        tp = 0
-        for row in ious:
-            candidates = np.where(free, row, -1.0)
-            j = int(np.argmax(candidates))
-            if candidates[j] > t:
-                free[j] = False
-                tp += 1
-        fp, fn = n_pred - tp, n_gt - tp
-        result[k] = tp / (tp + fp + fn)
-    return result
+    tp = _greedy_true_positives(iou_matrix(pred[order], gt)[None], np.asarray(thresholds, dtype=np.float64))[0]
+    return tp / (n_pred + n_gt - tp)  # TP + FP + FN = n_pred + n_gt - TP
 
 
 @dataclass
@@ -64,21 +74,49 @@ def mean_average_precision(ground_truth: dict, predictions: dict, thresholds=THR
     """Score predictions {patientId: (boxes, confidences)} against {patientId: boxes}.
 
     Every patient of ground_truth is scored (a missing prediction means no boxes), so the
-    ground truth must list negative patients too, with an empty box array.
+    ground truth must list negative patients too, with an empty box array. Images with the
+    same numbers of predictions and ground-truth boxes are scored together as one array.
     """
-    rows, per_image = [], {}
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    empty = (np.zeros((0, 4)), np.zeros(0))
+    zero_ids = []  # ground truth without predictions, or predictions without ground truth: 0
+    groups: dict[tuple[int, int], list] = {}
     for pid, gt in ground_truth.items():
-        boxes, conf = predictions.get(pid, (as_boxes([]), np.zeros(0)))
-        prec = image_precisions(gt, boxes, conf, thresholds)
-        if prec is not None:
-            rows.append(prec)
-            per_image[pid] = float(prec.mean())
-    if not rows:
-        per_t = {f"{t:.2f}": 0.0 for t in thresholds}
-        return Score(0.0, 0, per_t, per_image)
-    table = np.vstack(rows)
+        boxes, conf = predictions.get(pid, empty)
+        gt, boxes = as_boxes(gt), as_boxes(boxes)
+        if len(gt) == 0 and len(boxes) == 0:
+            continue  # skipped, as the official metric does
+        if len(gt) == 0 or len(boxes) == 0:
+            zero_ids.append(pid)
+            continue
+        order = np.argsort(-np.asarray(conf, dtype=np.float64), kind="stable")
+        groups.setdefault((len(boxes), len(gt)), []).append((pid, boxes[order], gt))
+    ids = list(zero_ids)
+    tables = [np.zeros((len(zero_ids), len(thresholds)))]
+    for (n_pred, n_gt), items in groups.items():
+        preds = np.stack([p for _, p, _ in items])  # (n, n_pred, 4)
+        gts = np.stack([g for _, _, g in items])  # (n, n_gt, 4)
+        tp = _greedy_true_positives(_batched_iou(preds, gts), thresholds)
+        ids += [pid for pid, _, _ in items]
+        tables.append(tp / (n_pred + n_gt - tp))
+    table = np.vstack(tables)
+    if not len(table):
+        return Score(0.0, 0, {f"{t:.2f}": 0.0 for t in thresholds}, {})
     per_t = {f"{t:.2f}": float(v) for t, v in zip(thresholds, table.mean(axis=0))}
-    return Score(float(table.mean()), len(rows), per_t, per_image)
+    per_image = dict(zip(ids, (float(v) for v in table.mean(axis=1))))
+    return Score(float(table.mean()), len(table), per_t, per_image)
+
+
+def _batched_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(n, P, 4) and (n, G, 4) boxes (x, y, w, h) -> (n, P, G) IoU."""
+    a0, a1 = a[..., :2], a[..., :2] + a[..., 2:]
+    b0, b1 = b[..., :2], b[..., :2] + b[..., 2:]
+    lo = np.maximum(a0[:, :, None], b0[:, None])
+    hi = np.minimum(a1[:, :, None], b1[:, None])
+    inter = np.clip(hi - lo, 0, None).prod(axis=-1)
+    union = a[..., 2:].prod(-1)[:, :, None] + b[..., 2:].prod(-1)[:, None] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, inter / union, 0.0)
 
 
 def read_labels(path) -> dict[str, np.ndarray]:
