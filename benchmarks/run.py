@@ -182,15 +182,25 @@ def bench_loader():
     config = TrainConfig(image_size=256, batch_size=32, num_workers=0)
     dm = RsnaDataModule(prepared, config)
     loader = dm.train_dataloader()
-    n, t0 = 0, time.perf_counter()
-    for epoch in range(3):
-        loader.sampler.set_epoch(epoch)
-        for images, masks, _ in loader:
-            x, m = augment(images.float() / 255, masks.float())
-            n += x.shape[0]
-    ours = n / (time.perf_counter() - t0)
+
+    def throughput(with_augment: bool) -> float:
+        n, t0 = 0, time.perf_counter()
+        for epoch in range(3):
+            loader.sampler.set_epoch(epoch)
+            for images, masks, _ in loader:
+                if with_augment:
+                    images, masks = augment(images.float() / 255, masks.float())
+                n += images.shape[0]
+        return n / (time.perf_counter() - t0)
+
+    # On a GPU the augmentation runs on the GPU (on_after_batch_transfer): the CPU only has to
+    # deliver cached batches. On the CPU it does both; both figures are reported.
+    cached = throughput(False)
+    ours = throughput(True)
     return record("loader", {"image_size": 256, "naive_samples_per_s": round(naive, 1),
-                             "pneumo_samples_per_s": round(ours, 1), "speedup": round(ours / naive, 1),
+                             "pneumo_samples_per_s_with_cpu_augment": round(ours, 1),
+                             "pneumo_samples_per_s_cache_only": round(cached, 1),
+                             "speedup_with_cpu_augment": round(ours / naive, 1),
                              "torch_threads": torch.get_num_threads(), "target_speedup": 30, "target_samples_per_s": 2000})
 
 
