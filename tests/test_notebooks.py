@@ -59,3 +59,18 @@ def test_explore_notebook_runs_headless(synth_dir, tmp_path):
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 3  # overview figure, samples grid, viewer still
+
+
+@pytest.mark.slow
+def test_predict_notebook_runs_headless(tiny_run, synth_dir, tmp_path):
+    out = tmp_path / "predict.ipynb"
+    papermill.execute_notebook(
+        str(NOTEBOOKS / "03-predict.ipynb"), str(out), kernel_name="python3", progress_bar=False,
+        cwd=str(tmp_path), start_timeout=300,
+        parameters={"model": str(tiny_run), "images_dir": str(synth_dir / "stage_2_test_images"),
+                    "out_dir": str(tmp_path / "pred"), "labels": str(synth_dir / "stage_2_test_labels.csv")})
+    nb = nbformat.read(out, as_version=4)
+    nbformat.validate(nb)
+    assert (tmp_path / "pred" / "submission.csv").is_file()
+    texts = [o.get("data", {}).get("text/html", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert any("PredictionString" in t for t in texts)  # the submission table is shown

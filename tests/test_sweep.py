@@ -116,3 +116,31 @@ def test_real_parallel_sweep_with_a_failing_run_then_resume(tmp_path, synth_dir)
     assert {"01-adam/tensorboard", f"{bad.name}/tensorboard", "marathon/tensorboard"} == set(with_hparams)
     refused = _sweep(path, "--out", out, cwd=tmp_path)
     assert refused.returncode == 1 and "pass --resume" in refused.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_leaves_a_resumable_sweep(tmp_path, synth_dir):
+    import signal
+    import time
+
+    path = _write(tmp_path, {"name": "c", "notebook": NOTEBOOK, "base": {"data_dir": str(synth_dir), **TINY, "epochs": 5},
+                             "runs": [{"optimizer": "adam"}]})
+    out = tmp_path / "outputs"
+    env = {"PATH": "/usr/bin:/bin", "PNEUMO_NO_PROGRESS": "1", "HOME": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "pneumo", "sweep", str(path), "--out", str(out)], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = out / "runs" / "c" / "01-adam"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not (run_dir / "metrics.json").exists()
+    time.sleep(1)
+    assert subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True).stdout == b""  # no run left behind
+    again = _sweep(path, "--out", out, "--resume", cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4, 5]

@@ -56,7 +56,7 @@ def show_patient(data_dir, patient_id: str, boxes=(), level: float = 128, width:
 
     image, _ = read_dicom(layout(data_dir).train_images / f"{patient_id}.dcm")
     shown = annotate(window(image, level, width), gt_boxes=boxes if show_boxes else ())
-    return shown.resize((size, size))
+    return shown.convert("RGB").resize((size, size), resample=3)  # bicubic on RGB, not nearest on palette
 
 
 def samples_per_class(data_dir, features: pd.DataFrame, boxes: pd.DataFrame, per_class: int = 3, seed: int = 0):

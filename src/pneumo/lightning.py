@@ -323,7 +323,7 @@ class OpacityModule(L.LightningModule):
             sx, sy = side / feat["columns"], side / feat["rows"]
             boxes, conf = preds[row]
             tile = annotate(big, scale(boxes, sx, sy), conf, scale(dm.gt_boxes[row], sx, sy))
-            tiles.append(np.asarray(tile))
+            tiles.append(np.asarray(tile.convert("RGB")))
             if out_dir is not None:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 tmp = out_dir / f".{feat['patientId']}.png.tmp"

@@ -205,7 +205,7 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
                 truth = gt.get(pid, ()) if gt is not None else ()
                 png = out / "images" / f"{pid}.png"
                 tmp = png.with_name(f".{png.name}.tmp")
-                annotate(item["image"], boxes, conf, truth).save(tmp, format="PNG", compress_level=3)
+                annotate(item["image"], boxes, conf, truth).save(tmp, format="PNG", compress_level=1)
                 os.replace(tmp, png)
             atomic_write_json(part_path(path), {
                 "path": str(path), "patientId": pid, "image_size": [rows, columns],
