@@ -150,3 +150,19 @@ def test_killed_worker_leads_to_a_retry_not_a_lost_run(synth_dir, tmp_path):
     finally:
         client.close()
         cluster.close()
+
+
+def test_freed_cores_go_to_the_runs_still_going(tmp_path, monkeypatch):
+    from pneumo.executors import LocalExecutor
+    from pneumo.sweep import slot_environments
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    executor = LocalExecutor(slot_environments([], max_parallel=4, cores=8))
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    executor._share_freed_cores({"a", "b"}, tmp_path)
+    assert (tmp_path / "a" / "threads").read_text().strip() == "4" == (tmp_path / "b" / "threads").read_text().strip()
+    gpu = LocalExecutor(slot_environments(["0", "1"], cores=8))
+    (tmp_path / "c").mkdir()
+    gpu._share_freed_cores({"c"}, tmp_path)
+    assert not (tmp_path / "c" / "threads").exists()  # GPU runs keep their threads

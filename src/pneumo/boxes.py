@@ -83,7 +83,7 @@ def parse_boxes(probability_map: np.ndarray, threshold: float, min_area: float =
         if w * h < min_area:
             continue
         boxes.append((xs.start, ys.start, w, h))
-        confidences.append(float(probability_map[region].mean()))
+        confidences.append(float(probability_map[region].mean(dtype=np.float64)))
     return as_boxes(boxes), np.asarray(confidences, dtype=np.float64)
 
 

@@ -56,6 +56,8 @@ class LocalExecutor:
         board = StatusBoard(runs, runs_root)
         results: dict[str, dict] = {}
         lock = threading.Lock()
+        running: set = set()
+        waiting = [len(runs)]
 
         def worker(run):
             env = free.get()
@@ -63,11 +65,16 @@ class LocalExecutor:
                 if stop.is_set():
                     return
                 with lock:
+                    waiting[0] -= 1
+                    running.add(run.name)
                     board.update(run.name, "running")
                 result = execute_run(notebook, run, run.dir(runs_root), env, stop)
                 with lock:
+                    running.discard(run.name)
                     results[run.name] = result
                     board.update(run.name, result["state"])
+                    if not waiting[0]:
+                        self._share_freed_cores(running, runs_root)
             finally:
                 free.put(env)
 
@@ -88,6 +95,18 @@ class LocalExecutor:
         finally:
             board.close()
         return [results.get(r.name, {"run": r.name, "state": "interrupted"}) for r in runs]
+
+    def _share_freed_cores(self, running: set, runs_root: Path) -> None:
+        """Nothing left to start: split the cores among the runs still going. Each picks up its
+        share at its next epoch (run_dir/threads), so the last runs of a CPU sweep do not
+        finish on one core while the others idle."""
+        if not running or self.slots[0]["CUDA_VISIBLE_DEVICES"]:
+            return
+        from pneumo.io import atomic_write_text
+
+        share = max(1, (os.cpu_count() or 1) // len(running))
+        for name in running:
+            atomic_write_text(runs_root / name / "threads", f"{share}\n")
 
     def close(self) -> None:
         pass

@@ -201,6 +201,7 @@ def execute_run(notebook: Path, run: Run, run_dir: Path, env_extra: dict, stop: 
     """One papermill execution in its own process; returns its record (never raises for the run's errors)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "failed.json").unlink(missing_ok=True)
+    (run_dir / "threads").unlink(missing_ok=True)  # a thread share of an earlier execution
     params = dict(run.params)
     if env_extra.get("PNEUMO_THREADS") and not params.get("threads"):
         params["threads"] = int(env_extra["PNEUMO_THREADS"])
