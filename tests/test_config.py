@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from pneumo.config import DEFAULT_LR, TrainConfig, load_config, parse_overrides
@@ -10,6 +12,7 @@ def test_defaults_are_valid_and_round_trip(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(c.to_yaml())
     assert load_config(path) == c
+    assert TrainConfig.from_dict(json.loads(c.to_json())) == c
     assert c.learning_rate == DEFAULT_LR["adamw"]
 
 

@@ -101,9 +101,6 @@ class TrainConfig:
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}" if source != "parameters" else str(exc)) from None
 
-    def replace(self, **changes) -> TrainConfig:
-        return TrainConfig.from_dict({**self.to_dict(), **changes})
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -122,9 +122,6 @@ class Prepared:
     def images(self) -> np.ndarray:
         return np.load(self.root / "images.npy", mmap_mode="r")
 
-    def boxes_of(self, patient_id: str) -> np.ndarray:
-        return self.boxes.loc[self.boxes["patientId"] == patient_id, ["x", "y", "width", "height"]].to_numpy(float)
-
     def boxes_by_patient(self) -> dict[str, np.ndarray]:
         groups = {pid: g[["x", "y", "width", "height"]].to_numpy(float) for pid, g in self.boxes.groupby("patientId")}
         return {pid: groups.get(pid, np.zeros((0, 4))) for pid in self.features["patientId"]}
