@@ -82,7 +82,7 @@ def notebook_parameters(notebook: Path) -> set[str]:
     return set(papermill.inspect_notebook(str(notebook)))
 
 
-def load_sweep(path, data_dir=None, overrides: dict | None = None) -> Sweep:
+def load_sweep(path, data_dir=None) -> Sweep:
     """Read and validate a sweep params file; SweepError names the run and key at fault."""
     path = Path(path)
     try:
@@ -92,15 +92,16 @@ def load_sweep(path, data_dir=None, overrides: dict | None = None) -> Sweep:
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise SweepError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(SPEC_KEYS))}")
+    name = str(spec.get("name") or path.stem)
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
+        raise SweepError(f"{path}: sweep name {name!r} must be letters, digits, '.', '_' or '-' (it names directories)")
+    # relative to the working directory, else to the project (the params file's parent folder)
     notebook = Path(spec.get("notebook", "notebooks/02-train.ipynb"))
-    if not notebook.is_absolute():
-        notebook = (path.parent.parent / notebook) if not notebook.exists() else notebook
+    if not notebook.is_absolute() and not notebook.exists():
+        notebook = path.resolve().parent.parent / notebook
     base = dict(spec.get("base") or {})
-    base.update(overrides or {})
     if data_dir:
         base["data_dir"] = data_dir
-    if "data_dir" in base:  # runs execute in their own run directory: make the path absolute
-        base["data_dir"] = str(Path(str(base["data_dir"])).expanduser().resolve())
     entries = list(spec.get("runs") or [])
     grid = spec.get("grid") or {}
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -115,24 +116,26 @@ def load_sweep(path, data_dir=None, overrides: dict | None = None) -> Sweep:
     allowed = notebook_parameters(notebook)
     runs = []
     for i, entry in enumerate(entries, 1):
-        name = run_name(i, entry)
+        run = run_name(i, entry)
         params = {**base, **entry}
+        if "data_dir" in params:  # runs execute in their own run directory: make the path absolute
+            params["data_dir"] = str(Path(str(params["data_dir"])).expanduser().resolve())
         missing = sorted(set(params) - allowed)
         if missing:
-            raise SweepError(f"{path}: run {name}: parameter(s) {', '.join(missing)} not in the parameters cell "
+            raise SweepError(f"{path}: run {run}: parameter(s) {', '.join(missing)} not in the parameters cell "
                              f"of {notebook.name}; valid: {', '.join(sorted(allowed - NOTEBOOK_ONLY_PARAMETERS))}")
         try:
-            TrainConfig.from_dict(params, source=f"run {name}")
+            TrainConfig.from_dict(params, source=f"run {run}")
         except ConfigError as exc:
             raise SweepError(f"{path}: {exc}") from None
-        runs.append(Run(name, params))
+        runs.append(Run(run, params))
     marathon = spec.get("marathon") or {}
     if isinstance(marathon, str):  # a path to a marathon params file, relative to this one
         marathon = read_params_file(path.parent / marathon)
     bad = set(marathon) - set(TrainConfig.names())
     if bad:
         raise SweepError(f"{path}: marathon: unknown parameter(s) {', '.join(sorted(bad))}")
-    return Sweep(str(spec.get("name") or path.stem), notebook.resolve(), base, runs, dict(marathon))
+    return Sweep(name, notebook.resolve(), base, runs, dict(marathon))
 
 
 # ---------------------------------------------------------------- devices
