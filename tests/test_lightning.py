@@ -59,3 +59,14 @@ def test_every_optimizer_builds(name):
     params = [torch.nn.Parameter(torch.zeros(2))]
     opt = build_optimizer(name, params, 0.01, 1e-4, 0.9)
     assert opt.param_groups[0]["lr"] == 0.01
+
+
+def test_fast_affine_grid_equals_torch_affine_grid():
+    import torch.nn.functional as F
+
+    from pneumo.lightning import _affine_grid
+
+    theta = torch.eye(2, 3).repeat(4, 1, 1) + 0.1 * torch.rand(4, 2, 3, generator=torch.Generator().manual_seed(0))
+    for h, w in ((64, 64), (48, 80)):
+        expected = F.affine_grid(theta, [4, 1, h, w], align_corners=False)
+        assert torch.allclose(_affine_grid(theta, h, w), expected, atol=1e-5)
