@@ -120,3 +120,19 @@ def test_diverging_run_raises_a_clear_error(synth_dir, tmp_path):
     with pytest.raises(TrainingDiverged, match="lower lr"):
         fit(config, tmp_path / "div")
     assert json.loads((tmp_path / "div" / "status.json").read_text())["state"] == "failed"
+
+
+def test_truncated_last_checkpoint_falls_back_to_best(finished_run, tmp_path):
+    import shutil
+
+    from pneumo.training import _resumable_checkpoint
+
+    _, _, run_dir = finished_run
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(run_dir / "checkpoints", folder)
+    last = folder / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # killed while Lightning was writing it
+    assert _resumable_checkpoint(folder) == folder / "best.ckpt"
+    assert (folder / "last.ckpt.unreadable").is_file() and not last.exists()
+    (folder / "best.ckpt").write_bytes(b"")
+    assert _resumable_checkpoint(folder) is None

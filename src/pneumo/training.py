@@ -61,8 +61,29 @@ def _check_run_dir(run_dir: Path, config: TrainConfig) -> Path | None:
         if changed:
             raise RunError(f"{run_dir}: holds a run with other parameters ({', '.join(changed)}); "
                            "resume it with its own config.yaml or choose a new run directory")
-    last = run_dir / "checkpoints" / "last.ckpt"
-    return last if last.is_file() else None
+    return _resumable_checkpoint(run_dir / "checkpoints")
+
+
+def _resumable_checkpoint(folder: Path) -> Path | None:
+    """last.ckpt, or best.ckpt (an earlier epoch) if last.ckpt is unreadable.
+
+    Lightning writes checkpoints in place: a run killed while saving leaves a truncated file.
+    That file is moved aside rather than failing the resume or silently starting over.
+    """
+    import torch
+
+    for name in ("last.ckpt", "best.ckpt"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+            return path
+        except Exception as exc:  # truncated or garbled: any of torch's unpickling errors
+            aside = path.with_name(f"{path.name}.unreadable")
+            path.replace(aside)
+            log.warning("%s is unreadable (%s); moved to %s", path, type(exc).__name__, aside.name)
+    return None
 
 
 def _precision(config: TrainConfig, accelerator: str) -> str:
