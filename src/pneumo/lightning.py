@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from pneumo.boxes import boxes_to_mask, parse_boxes, scale
 from pneumo.config import TrainConfig
+from pneumo.errors import DataError
 from pneumo.io import atomic_write_json
 from pneumo.metrics import THRESHOLDS, mean_average_precision
 from pneumo.model import UNet
@@ -63,8 +64,6 @@ class RsnaDataModule(L.LightningDataModule):
         self.train_rows = features.loc[features["split"] == "train", "index"].to_numpy()
         self.val_rows = features.loc[features["split"] == "val", "index"].to_numpy()
         if len(self.train_rows) == 0 or len(self.val_rows) == 0:
-            from pneumo.errors import DataError
-
             raise DataError(f"{prepared.root}: {len(self.train_rows)} train and {len(self.val_rows)} "
                             "validation images; both splits need at least one")
         size = prepared.image_size
