@@ -152,3 +152,18 @@ def test_freed_cores_go_to_the_runs_still_going(tmp_path, monkeypatch):
     (tmp_path / "c").mkdir()
     gpu._share_freed_cores({"c"}, tmp_path)
     assert not (tmp_path / "c" / "threads").exists()  # GPU runs keep their threads
+
+
+@pytest.mark.slow
+def test_prepare_decodes_on_a_dask_cluster_to_the_same_cache(synth_dir, tmp_path):
+    import numpy as np
+    from distributed import Client, LocalCluster
+
+    from pneumo.prepare import prepare
+
+    local = prepare(synth_dir, out=tmp_path / "local", image_size=32, workers=1)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        on_dask = prepare(synth_dir, out=tmp_path / "dask", image_size=32, client=client)
+    assert on_dask.features.equals(local.features)
+    assert np.array_equal(np.asarray(on_dask.images()), np.asarray(local.images()))

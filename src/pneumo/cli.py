@@ -53,8 +53,19 @@ def cmd_validate(args) -> int:
 def cmd_prepare(args) -> int:
     from pneumo.prepare import prepare
 
-    prepared = prepare(args.dir, out=args.out, image_size=args.image_size, val_fraction=args.val_fraction,
-                       seed=args.seed, workers=args.workers, force=args.force)
+    client = cluster = None
+    if args.cluster:
+        from pneumo.executors import dask_client
+
+        client, cluster = dask_client(args.cluster, cluster_file=args.cluster_file)
+    try:
+        prepared = prepare(args.dir, out=args.out, image_size=args.image_size, val_fraction=args.val_fraction,
+                           seed=args.seed, workers=args.workers, force=args.force, client=client)
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
     m = prepared.manifest
     print(f"{m['n_images']} images ({m['n_skipped']} skipped, listed in skipped.csv) at "
           f"{m['image_size']} px in {prepared.root}")
@@ -152,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=_positive_int, default=None)
     p.add_argument("--force", action="store_true", help="rebuild even if the inputs are unchanged")
+    p.add_argument("--cluster", default=None, metavar="WHERE",
+                   help="decode on a Dask cluster: 'local', 'slurm', 'htcondor', 'pbs' or a scheduler address")
+    p.add_argument("--cluster-file", type=Path, default=None, help="cluster YAML (default params/cluster/<kind>.yaml)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train one run (the same fit() as notebooks/02-train.ipynb)")
@@ -208,6 +222,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
+    if not args.verbose:  # Dask logs every connection at INFO; pneumo prints what matters
+        for name in ("distributed", "dask_jobqueue"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except PneumoError as exc:

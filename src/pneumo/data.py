@@ -105,9 +105,12 @@ def _inspect_job(job):
     return inspect_file(*job)
 
 
-def scan(paths, image_size: int | None = None, workers: int | None = None, description="decoding"):
-    """Yield a Scanned per path, in order, decoding in worker processes."""
+def scan(paths, image_size: int | None = None, workers: int | None = None, description="decoding", client=None):
+    """Yield a Scanned per path, in order, decoding in worker processes (or on a Dask client's workers)."""
     jobs = [(str(p), image_size) for p in paths]
+    if client is not None:
+        yield from track(_scan_on_dask(client, jobs), len(jobs), description)
+        return
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     if workers == 1 or len(jobs) < 16:
         yield from track(map(_inspect_job, jobs), len(jobs), description)
@@ -115,3 +118,20 @@ def scan(paths, image_size: int | None = None, workers: int | None = None, descr
     # spawn, not fork: callers may hold torch threads or run inside a Jupyter kernel.
     with get_context("spawn").Pool(workers) as pool:
         yield from track(pool.imap(_inspect_job, jobs, chunksize=8), len(jobs), description)
+
+
+def _scan_on_dask(client, jobs, chunk: int = 64, window: int = 16):
+    """Chunks of files decoded on the cluster's workers, yielded in order; at most `window`
+    chunks in flight, so the client never holds the whole decoded dataset."""
+    chunks = [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)]
+    futures = []
+    for i, part in enumerate(chunks):
+        futures.append(client.submit(_inspect_chunk, part, pure=False))
+        if i >= window - 1:
+            yield from futures.pop(0).result()
+    for future in futures:
+        yield from future.result()
+
+
+def _inspect_chunk(jobs) -> list:
+    return [_inspect_job(job) for job in jobs]

@@ -233,19 +233,16 @@ def jobqueue_cluster(kind: str, cluster_file):
     return cluster, jobs
 
 
-def make_executor(cluster: str | None, max_parallel: int | None = None, cluster_file=None):
-    """The executor for --cluster: None (this machine), 'local', slurm|htcondor|pbs, or an address."""
-    from pneumo.sweep import slot_environments, visible_gpus
-
-    if not cluster:
-        return LocalExecutor(slot_environments(visible_gpus(), max_parallel))
+def dask_client(cluster: str, max_parallel: int | None = None, cluster_file=None):
+    """(Client, cluster object or None) for 'local', slurm|htcondor|pbs, or a scheduler address."""
     from distributed import Client, LocalCluster
 
     if cluster == "local":
         n = max_parallel or os.cpu_count() or 1
         threads = max(1, (os.cpu_count() or 1) // n)
         local = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, dashboard_address=":0")
-        return DaskExecutor(Client(local), local)
+        print(f"local Dask cluster: {n} workers; dashboard {local.dashboard_link}", flush=True)
+        return Client(local), local
     if cluster in JOBQUEUE_KINDS:
         path = Path(cluster_file or f"params/cluster/{cluster}.yaml")
         if not path.is_file():
@@ -253,8 +250,17 @@ def make_executor(cluster: str | None, max_parallel: int | None = None, cluster_
         jq, jobs = jobqueue_cluster(cluster, path)
         jq.scale(jobs=jobs)
         print(f"{cluster}: asked for {jobs} job(s); dashboard {jq.dashboard_link}", flush=True)
-        return DaskExecutor(Client(jq), jq)
+        return Client(jq), jq
     try:
-        return DaskExecutor(Client(cluster, timeout=30))
+        return Client(cluster, timeout=30), None
     except (OSError, TimeoutError, ValueError) as exc:
         raise ClusterError(f"{cluster}: cannot reach a Dask scheduler ({exc})") from None
+
+
+def make_executor(cluster: str | None, max_parallel: int | None = None, cluster_file=None):
+    """The executor for --cluster: None (this machine), 'local', slurm|htcondor|pbs, or an address."""
+    from pneumo.sweep import slot_environments, visible_gpus
+
+    if not cluster:
+        return LocalExecutor(slot_environments(visible_gpus(), max_parallel))
+    return DaskExecutor(*dask_client(cluster, max_parallel, cluster_file))

@@ -141,10 +141,11 @@ def open_prepared(path) -> Prepared:
 
 
 def prepare(data_dir, out=None, image_size: int = 256, val_fraction: float = 0.2, seed: int = 0,
-            workers: int | None = None, force: bool = False, outputs=None) -> Prepared:
+            workers: int | None = None, force: bool = False, outputs=None, client=None) -> Prepared:
     """Build (or reuse, when the fingerprint matches) the prepared cache of data_dir.
 
-    out defaults to <outputs>/data/<fingerprint>, outputs to outputs_root().
+    out defaults to <outputs>/data/<fingerprint>, outputs to outputs_root(). With a Dask
+    client, decoding runs on the cluster's workers (they must see data_dir).
     """
     import pandas as pd
 
@@ -171,7 +172,7 @@ def prepare(data_dir, out=None, image_size: int = 256, val_fraction: float = 0.2
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
                                            shape=(len(files), image_size, image_size))
         n = 0
-        for item in scan(files, image_size=image_size, workers=workers, description="preparing"):
+        for item in scan(files, image_size=image_size, workers=workers, description="preparing", client=client):
             if item.error:
                 skipped.append({"path": item.path, "patientId": item.patientId, "reason": item.error})
                 continue
