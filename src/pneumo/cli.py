@@ -222,9 +222,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
-    if not args.verbose:  # Dask logs every connection at INFO; pneumo prints what matters
-        for name in ("distributed", "dask_jobqueue"):
-            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except PneumoError as exc:

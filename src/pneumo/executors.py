@@ -237,6 +237,10 @@ def dask_client(cluster: str, max_parallel: int | None = None, cluster_file=None
     """(Client, cluster object or None) for 'local', slurm|htcondor|pbs, or a scheduler address."""
     from distributed import Client, LocalCluster
 
+    if not logging.getLogger("pneumo").isEnabledFor(logging.DEBUG):
+        # distributed configures its loggers at import (INFO: every connection); pneumo prints what matters
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+
     if cluster == "local":
         n = max_parallel or os.cpu_count() or 1
         threads = max(1, (os.cpu_count() or 1) // n)
