@@ -87,6 +87,13 @@ def parse_boxes(probability_map: np.ndarray, threshold: float, min_area: float =
     return as_boxes(boxes), np.asarray(confidences, dtype=np.float64)
 
 
+def boxes_from_probability(probability_map: np.ndarray, threshold: float, min_area: float, sx: float, sy: float):
+    """Boxes in the original frame (model frame scaled by sx, sy) and confidences from one
+    model-resolution probability map; min_area is in model pixels."""
+    boxes, confidences = parse_boxes(probability_map, threshold, min_area)
+    return scale(boxes, sx, sy), confidences
+
+
 def boxes_to_mask(boxes, height: int, width: int) -> np.ndarray:
     """A (height, width) float32 mask with 1 inside every box (boxes already in that frame)."""
     mask = np.zeros((height, width), dtype=np.float32)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pneumo.boxes import boxes_to_mask, parse_boxes, scale
+from pneumo.boxes import boxes_from_probability, boxes_to_mask, scale
 from pneumo.config import TrainConfig
 from pneumo.errors import DataError
 from pneumo.io import atomic_write_json
@@ -192,12 +192,6 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1 - (2 * inter + 1) / (denom + 1)).mean()
 
 
-def predictions_from_probability(prob: np.ndarray, threshold: float, min_area_model: float, sx: float, sy: float):
-    """Boxes (original frame) and confidences from one model-resolution probability map."""
-    boxes, conf = parse_boxes(prob, threshold, min_area_model)
-    return scale(boxes, sx, sy), conf
-
-
 class OpacityModule(L.LightningModule):
     """UNet opacity segmentation; boxes from connected components; official mAP on validation."""
 
@@ -321,7 +315,7 @@ class OpacityModule(L.LightningModule):
             rows_px, columns_px = dm.frame[int(row)]
             sx, sy = columns_px / size, rows_px / size
             min_area = self.config.min_box_area / (sx * sy)
-            out[int(row)] = predictions_from_probability(prob, threshold, min_area, sx, sy)
+            out[int(row)] = boxes_from_probability(prob, threshold, min_area, sx, sy)
         return out
 
     def _score(self, probs, rows, dm, threshold):

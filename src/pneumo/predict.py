@@ -75,10 +75,10 @@ class Predictor:
 
     def boxes(self, prob: np.ndarray, rows: int, columns: int):
         """Boxes (x, y, w, h) in the image's own frame and their confidences."""
-        from pneumo.lightning import predictions_from_probability
+        from pneumo.boxes import boxes_from_probability
 
         sx, sy = columns / self.image_size, rows / self.image_size
-        return predictions_from_probability(prob, self.threshold, self.min_box_area / (sx * sy), sx, sy)
+        return boxes_from_probability(prob, self.threshold, self.min_box_area / (sx * sy), sx, sy)
 
 
 def load_predictor(model, threshold: float | None = None, min_box_area: float | None = None,
