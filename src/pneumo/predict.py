@@ -158,7 +158,7 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
     parts = out / ".parts"
     parts.mkdir(parents=True, exist_ok=True)
     key = _settings_key(predictor, tta)
-    settings = parts / "settings.json"
+    settings = parts / "settings.key"  # not *.json: that name space belongs to the input files
     if settings.is_file() and json.loads(settings.read_text()).get("key") != key:
         for p in parts.glob("*.json"):  # other model or settings: start over
             p.unlink()
