@@ -346,7 +346,10 @@ def summarize(sweep: Sweep, runs_root: Path, sweeps_root: Path) -> list[dict]:
     """Write summary.csv and summary.md (runs ranked by best val mAP) and return the rows."""
     import pandas as pd
 
-    varying = sorted({k for r in sweep.runs for k in r.params if k not in sweep.base or r.params[k] != sweep.base[k]})
+    keys = {k for r in sweep.runs for k in r.params}
+    # the parameters that tell the runs apart (all of a one-run sweep's own entry)
+    varying = sorted(k for k in keys if len({repr(r.params.get(k)) for r in sweep.runs}) > 1
+                     or (len(sweep.runs) == 1 and k not in sweep.base))
     rows = []
     for run in sweep.runs:
         run_dir = run.dir(runs_root)
