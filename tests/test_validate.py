@@ -37,6 +37,8 @@ def test_reports_each_problem_file_by_file(data_copy):
     text.append(f"{files[3].stem},10,10,5000,20,1")  # box outside image, Target mixed
     labels.write_text("\n".join(text) + "\n")
     (images / "unlabelled-one.dcm").write_bytes(files[4].read_bytes())
+    info = data_copy / "stage_2_detailed_class_info.csv"
+    info.write_text(info.read_text().replace(",Normal\n", ",Healthy\n", 1))
 
     out = _run("validate", data_copy, "--json")
     assert out.returncode == 0, out.stderr
@@ -46,7 +48,7 @@ def test_reports_each_problem_file_by_file(data_copy):
         assert set(p) == {"patientId", "path", "problem", "detail", "severity"}
         by_kind.setdefault(p["problem"], []).append(p)
     assert {"unreadable", "blank image", "duplicate row", "label without image", "box outside image",
-            "image without labels", "inconsistent rows"} <= set(by_kind)
+            "image without labels", "inconsistent rows", "unknown class"} <= set(by_kind)
     unreadable = {p["patientId"] for p in by_kind["unreadable"]}
     assert {"notdicom", files[0].stem, files[1].stem} <= unreadable
     assert any("no pixel data" in p["detail"] for p in by_kind["unreadable"])
@@ -68,3 +70,14 @@ def test_missing_columns_and_missing_dir(data_copy, tmp_path):
     assert out.returncode == 1 and "missing column(s)" in out.stderr
     out = _run("validate", tmp_path / "nowhere")
     assert out.returncode == 1 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_non_numeric_box_value_is_one_clear_line(data_copy, tmp_path):
+    labels = data_copy / "stage_2_train_labels.csv"
+    lines = labels.read_text().splitlines()
+    lines[3] = lines[3].split(",")[0] + ",abc,10,20,30,1"
+    labels.write_text("\n".join(lines) + "\n")
+    for command in (["validate", data_copy], ["prepare", data_copy, "--out", tmp_path / "p"]):
+        out = _run(*command)
+        assert out.returncode == 1 and "Traceback" not in out.stderr
+        assert "line 4, column x: 'abc' is not a number" in out.stderr, out.stderr

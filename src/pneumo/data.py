@@ -68,6 +68,21 @@ def read_csv(path, columns) -> pd.DataFrame:  # noqa: F821
     return df
 
 
+def read_labels_table(path) -> pd.DataFrame:  # noqa: F821
+    """The labels CSV with numeric box and Target columns; DataError names the first bad cell."""
+    import pandas as pd
+
+    labels = read_csv(path, LABEL_COLUMNS)
+    for column in ("x", "y", "width", "height", "Target"):
+        values = pd.to_numeric(labels[column], errors="coerce")
+        bad = values.isna() & labels[column].notna()
+        if bad.any():
+            row = int(bad.idxmax())
+            raise DataError(f"{path}: line {row + 2}, column {column}: {labels[column][row]!r} is not a number")
+        labels[column] = values
+    return labels
+
+
 def dicom_files(folder) -> list[Path]:
     """Every regular file of a DICOM folder, sorted (non-.dcm files too: validate reports them)."""
     folder = Path(folder)

@@ -25,11 +25,11 @@ import numpy as np
 from pneumo.boxes import check_patient_id
 from pneumo.data import (
     CLASS_COLUMNS,
-    LABEL_COLUMNS,
     POSITIVE_CLASS,
     dicom_files,
     layout,
     read_csv,
+    read_labels_table,
     scan,
 )
 from pneumo.errors import DataError
@@ -82,7 +82,7 @@ def split_patients(classes, val_fraction: float, seed: int) -> dict[str, str]:
 def _labels_and_classes(lay):
     import pandas as pd
 
-    labels = read_csv(lay.labels, LABEL_COLUMNS)
+    labels = read_labels_table(lay.labels)
     labels = labels[labels["patientId"].notna()].drop_duplicates()
     labels = labels[labels["patientId"].map(_valid_id)]
     target = labels.groupby("patientId")["Target"].max()

@@ -10,14 +10,15 @@ import numpy as np
 from pneumo.boxes import check_patient_id
 from pneumo.data import (
     CLASS_COLUMNS,
-    LABEL_COLUMNS,
     POSITIVE_CLASS,
     dicom_files,
     layout,
     read_csv,
+    read_labels_table,
     scan,
 )
 from pneumo.errors import DataError
+from pneumo.synth import CLASSES
 
 EXPECTED_SIZE = (1024, 1024)  # frame assumed for boxes of a patient whose image is unusable
 BLANK_STD = 1.0  # grey-level standard deviation below which an image carries no information
@@ -125,6 +126,8 @@ def _check_labels(report: Report, lay, labels, classes, sizes: dict) -> None:
     if classes is not None:
         cpath = str(lay.class_info)
         cls = classes.drop_duplicates()
+        for row in cls[~cls["class"].isin(CLASSES)].itertuples(index=False):
+            report.add(row.patientId, cpath, "unknown class", f"{row[1]!r} is not one of {', '.join(CLASSES)}", "warning")
         multi = cls.groupby("patientId")["class"].nunique()
         for pid in multi[multi > 1].index:
             report.add(pid, cpath, "inconsistent class", "more than one class for the patient")
@@ -144,7 +147,7 @@ def validate(data_dir, workers: int | None = None) -> Report:
     report = Report()
     labels = classes = None
     try:
-        labels = read_csv(lay.labels, LABEL_COLUMNS)
+        labels = read_labels_table(lay.labels)
     except DataError as exc:
         report.add("", lay.labels, "labels unusable", str(exc))
         report.fatal = str(exc)
