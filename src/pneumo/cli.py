@@ -135,6 +135,13 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _add_cluster_options(parser, verb: str) -> None:
+    parser.add_argument("--cluster", default=None, metavar="WHERE",
+                        help=f"{verb} on Dask: 'local', 'slurm', 'htcondor', 'pbs' (params/cluster/<kind>.yaml) "
+                             "or a scheduler address")
+    parser.add_argument("--cluster-file", type=Path, default=None, help="cluster YAML (default params/cluster/<kind>.yaml)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pneumo", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -163,9 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=_positive_int, default=None)
     p.add_argument("--force", action="store_true", help="rebuild even if the inputs are unchanged")
-    p.add_argument("--cluster", default=None, metavar="WHERE",
-                   help="decode on a Dask cluster: 'local', 'slurm', 'htcondor', 'pbs' or a scheduler address")
-    p.add_argument("--cluster-file", type=Path, default=None, help="cluster YAML (default params/cluster/<kind>.yaml)")
+    _add_cluster_options(p, "decode")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train one run (the same fit() as notebooks/02-train.ipynb)")
@@ -183,9 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs at once (default: one per GPU, else one per CPU core)")
     p.add_argument("--resume", action="store_true", help="finish the runs that are not done")
     p.add_argument("--marathon", action="store_true", help="then train the best run longer into a model")
-    p.add_argument("--cluster", default=None, metavar="WHERE",
-                   help="run on Dask: 'local', 'slurm', 'htcondor', 'pbs' (params/cluster/<name>.yaml) or a scheduler address")
-    p.add_argument("--cluster-file", type=Path, default=None, help="cluster YAML (default params/cluster/<kind>.yaml)")
+    _add_cluster_options(p, "run")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("predict", help="boxes for a folder of DICOMs: submission.csv, annotations.json, PNGs")
