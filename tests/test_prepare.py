@@ -62,3 +62,15 @@ def test_bad_arguments(synth_dir, tmp_path):
         prepare(synth_dir, out=tmp_path / "x", image_size=4)
     with pytest.raises(DataError, match="does not exist"):
         prepare(tmp_path / "missing", out=tmp_path / "x")
+
+
+def test_labelled_file_with_another_suffix_is_decoded_or_listed(data_copy, tmp_path):
+    images = data_copy / "stage_2_train_images"
+    first, second = sorted(images.glob("*.dcm"))[:2]
+    first.rename(first.with_suffix(".DCM"))  # a real DICOM with an upper-case suffix: still used
+    second.rename(second.with_suffix(".txt"))
+    second.with_suffix(".txt").write_text("not an image")
+    prepared = prepare(data_copy, out=tmp_path / "p", image_size=32, workers=1)
+    assert first.stem in set(prepared.features["patientId"])
+    skipped = pd.read_csv(tmp_path / "p" / "skipped.csv")
+    assert skipped["patientId"].tolist() == [second.stem]  # not silently dropped

@@ -120,8 +120,9 @@ def _input_files(images_dir: Path) -> list[Path]:
 class _Decoded:
     """DataLoader items: decoding happens in worker processes, in parallel with inference."""
 
-    def __init__(self, files, size: int):
-        self.files, self.size = files, size
+    def __init__(self, files, size: int, keep_image: bool):
+        # the full-size image crosses the process boundary only when a PNG will be drawn from it
+        self.files, self.size, self.keep_image = files, size, keep_image
 
     def __len__(self):
         return len(self.files)
@@ -137,7 +138,8 @@ class _Decoded:
             return {"path": str(path), "error": exc.reason}
         except ValueError as exc:
             return {"path": str(path), "error": str(exc)}
-        return {"path": str(path), "patientId": path.stem, "image": image, "small": resize_area(image, self.size)}
+        return {"path": str(path), "patientId": path.stem, "shape": image.shape,
+                "image": image if self.keep_image else None, "small": resize_area(image, self.size)}
 
 
 def _settings_key(predictor: Predictor, tta: bool) -> str:
@@ -178,7 +180,7 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
     if save_images:
         (out / "images").mkdir(exist_ok=True)
     n_workers = workers if workers is not None else min(2, os.cpu_count() or 1)
-    loader = torch.utils.data.DataLoader(_Decoded(todo, predictor.image_size), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(_Decoded(todo, predictor.image_size, save_images), batch_size=batch_size,
                                          num_workers=n_workers if len(todo) > batch_size else 0,
                                          collate_fn=list)
     start = time.perf_counter()
@@ -199,7 +201,7 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
                 atomic_write_json(part_path(path), {"path": str(path), "error": f"duplicate patientId (also {seen_ids[pid]})"})
                 continue
             seen_ids[pid] = str(path)
-            rows, columns = item["image"].shape
+            rows, columns = item["shape"]
             boxes, conf = predictor.boxes(prob, rows, columns)
             if save_images:
                 truth = gt.get(pid, ()) if gt is not None else ()

@@ -165,8 +165,10 @@ def prepare(data_dir, out=None, image_size: int = 256, val_fraction: float = 0.2
             pass  # a damaged manifest means rebuild
     start = time.perf_counter()
     target, classes, boxes = _labels_and_classes(lay)
-    files = [p for p in dicom_files(lay.train_images) if p.suffix == ".dcm" and p.stem in classes]
-    unlabelled = [p for p in dicom_files(lay.train_images) if p.stem not in classes]
+    # every file is either decoded or listed in skipped.csv; read_dicom judges the non-.dcm ones
+    listing = dicom_files(lay.train_images)
+    files = [p for p in listing if p.stem in classes]
+    unlabelled = [p for p in listing if p.stem not in classes]
     rows, skipped = [], [{"path": str(p), "patientId": p.stem, "reason": "no row in the labels CSV"} for p in unlabelled]
     with atomic_dir(out) as tmp:
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
