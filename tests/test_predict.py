@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from pneumo.boxes import parse_prediction_string
-from pneumo.predict import ModelError, load_predictor, predict_folder, resolve_checkpoint
+from pneumo.errors import ModelError
+from pneumo.predict import load_predictor, predict_folder, resolve_checkpoint
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ import nbformat
 import pytest
 import yaml
 
-from pneumo.sweep import SweepError, load_sweep, run_name, slot_environments
+from pneumo.errors import SweepError
+from pneumo.sweep import load_sweep, run_name, slot_environments
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = str(ROOT / "notebooks" / "02-train.ipynb")

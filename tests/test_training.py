@@ -12,7 +12,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pneumo.config import TrainConfig
-from pneumo.training import RunError, fit
+from pneumo.errors import RunError
+from pneumo.training import fit
 
 TINY = dict(image_size=64, depth=3, width=4, batch_size=8, n_val_images=4)
 
@@ -114,7 +115,7 @@ def test_cli_rejects_bad_parameter_in_one_line(synth_dir, tmp_path):
 
 
 def test_diverging_run_raises_a_clear_error(synth_dir, tmp_path):
-    from pneumo.lightning import TrainingDiverged
+    from pneumo.errors import TrainingDiverged
 
     config = TrainConfig(data_dir=str(synth_dir), epochs=2, optimizer="sgd", lr=1e12, scheduler="none", **TINY)
     with pytest.raises(TrainingDiverged, match="lower lr"):

@@ -24,3 +24,23 @@ class ConfigError(PneumoError):
 
 class SubmissionError(PneumoError):
     """A malformed submission or labels file."""
+
+
+class RunError(PneumoError):
+    """A run directory that cannot be (re)used."""
+
+
+class TrainingDiverged(PneumoError):
+    """The loss became NaN or infinite: the learning rate is too high for this optimizer."""
+
+
+class SweepError(PneumoError):
+    """A sweep that cannot start (bad params file, unknown parameter, ...)."""
+
+
+class ClusterError(PneumoError):
+    """A cluster that cannot be reached or built."""
+
+
+class ModelError(PneumoError):
+    """A model (run directory, model directory or checkpoint) that cannot be loaded."""

@@ -16,15 +16,11 @@ import threading
 import time
 from pathlib import Path
 
-from pneumo.errors import PneumoError
+from pneumo.errors import ClusterError
 
 log = logging.getLogger(__name__)
 
 JOBQUEUE_KINDS = ("slurm", "htcondor", "pbs")
-
-
-class ClusterError(PneumoError):
-    """A cluster that cannot be reached or built."""
 
 
 class LocalExecutor:

@@ -17,16 +17,12 @@ import torch.nn.functional as F
 
 from pneumo.boxes import boxes_from_probability, boxes_to_mask, scale
 from pneumo.config import TrainConfig
-from pneumo.errors import DataError
+from pneumo.errors import DataError, TrainingDiverged
 from pneumo.io import atomic_write_json
 from pneumo.metrics import THRESHOLDS, mean_average_precision
 from pneumo.model import UNet
 
 THRESHOLD_GRID = tuple(np.round(np.arange(0.2, 0.96, 0.05), 2))
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: the learning rate is too high for this optimizer."""
 
 
 # ---------------------------------------------------------------- data

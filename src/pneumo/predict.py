@@ -18,14 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from pneumo.boxes import check_patient_id, format_prediction_string
-from pneumo.errors import DicomError, PneumoError
+from pneumo.errors import DicomError, ModelError, PneumoError
 from pneumo.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
-
-
-class ModelError(PneumoError):
-    """A model path that is not a checkpoint, run directory or model directory."""
 
 
 def resolve_checkpoint(path) -> tuple[Path, dict]:

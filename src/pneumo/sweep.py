@@ -26,17 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pneumo.config import TrainConfig, read_params_file
-from pneumo.errors import ConfigError, PneumoError
+from pneumo.errors import ConfigError, PneumoError, SweepError
 from pneumo.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 NOTEBOOK_ONLY_PARAMETERS = {"run_dir"}  # set by the sweep, not a TrainConfig field
 SPEC_KEYS = {"name", "notebook", "base", "runs", "grid", "marathon"}
-
-
-class SweepError(PneumoError):
-    """A sweep that cannot start (bad params file, unknown parameter, ...)."""
 
 
 @dataclass

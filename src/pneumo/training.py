@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from pneumo.config import TrainConfig
-from pneumo.errors import ConfigError, DataError, PneumoError
+from pneumo.errors import ConfigError, DataError, RunError
 from pneumo.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -18,10 +18,6 @@ log = logging.getLogger(__name__)
 
 # How a run executes, not what it trains: a run may resume with other values of these.
 EXECUTION_FIELDS = {"threads", "num_workers", "max_time"}
-
-
-class RunError(PneumoError):
-    """A run directory that cannot be (re)used."""
 
 
 def default_run_dir(config: TrainConfig) -> Path:

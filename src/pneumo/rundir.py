@@ -1,0 +1,180 @@
+"""The run directory: the one place that knows its file names and decides what state a run is in.
+
+outputs/runs/<sweep>/<run>/ (or wherever `pneumo train --out` points) holds:
+
+    config.yaml          the TrainConfig of the run
+    status.json          live progress: state, epoch, epochs, val_map (written by training)
+    metrics.json         the final record; status "finished" marks a finished run
+    failed.json          written by the executor when the run's process failed
+    process.json         the papermill process's seconds and return code
+    threads              a CPU thread share handed over by a sweep when other runs end
+    checkpoints/         best.ckpt (by val/map) and last.ckpt (resume)
+    tensorboard/         TensorBoard events
+    val_images/          annotated validation PNGs
+    notebook.ipynb, log.txt, papermill-params.yaml   the executed notebook, its log, its parameters
+
+Training, the executors, the sweep, predict and the plots go through RunDir; nothing else
+spells these names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pneumo.io import atomic_write_json, atomic_write_text
+
+STATES = ("done", "failed", "interrupted", "running", "starting", "pending")
+
+
+def read_json(path) -> dict:
+    """A JSON object from path, {} when it is missing or torn (a reader racing a writer)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+class RunDir:
+    """One run's directory; cheap to make, reads the disk only when asked."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    # ------------------------------------------------------------ paths
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def status_file(self) -> Path:
+        return self.path / "status.json"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def failed_file(self) -> Path:
+        return self.path / "failed.json"
+
+    @property
+    def process_file(self) -> Path:
+        return self.path / "process.json"
+
+    @property
+    def threads_file(self) -> Path:
+        return self.path / "threads"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.checkpoints / "best.ckpt"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.ckpt"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.path / "val_images"
+
+    @property
+    def notebook(self) -> Path:
+        return self.path / "notebook.ipynb"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "log.txt"
+
+    @property
+    def papermill_params(self) -> Path:
+        return self.path / "papermill-params.yaml"
+
+    # ------------------------------------------------------------ config
+
+    def write_config(self, config) -> None:
+        atomic_write_text(self.config_file, config.to_yaml())
+
+    def read_config(self) -> dict:
+        """The saved TrainConfig values, {} when the run has none yet."""
+        import yaml
+
+        if not self.config_file.is_file():
+            return {}
+        return yaml.safe_load(self.config_file.read_text()) or {}
+
+    # ------------------------------------------------------------ status, metrics, failure
+
+    def write_status(self, state: str, **fields) -> None:
+        atomic_write_json(self.status_file, {"state": state, **fields})
+
+    def status(self) -> dict:
+        return read_json(self.status_file)
+
+    def write_metrics(self, metrics: dict) -> None:
+        atomic_write_json(self.metrics_file, metrics)
+
+    def metrics(self) -> dict:
+        return read_json(self.metrics_file)
+
+    def write_process(self, seconds: float, returncode: int) -> None:
+        atomic_write_json(self.process_file, {"seconds": round(seconds, 2), "returncode": returncode})
+
+    def process(self) -> dict:
+        return read_json(self.process_file)
+
+    def mark_failed(self, error: str, **fields) -> None:
+        atomic_write_json(self.failed_file, {"error": error[:500], **fields})
+
+    def failure(self) -> dict:
+        return read_json(self.failed_file)
+
+    def finished(self) -> bool:
+        """True once training wrote its final metrics: a finished run is never trained again."""
+        return self.metrics().get("status") == "finished"
+
+    def state(self) -> str:
+        """done, failed, interrupted, running, starting or pending; from what the run left on disk."""
+        if self.finished():
+            return "done"
+        if self.failed_file.is_file():
+            return "failed"
+        if self.status_file.is_file():
+            # a torn status file is a run writing it right now
+            return self.status().get("state", "running")
+        return "pending"
+
+    def start_execution(self) -> None:
+        """Forget what an earlier execution left that must not steer this one (a failure, a thread share)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.failed_file.unlink(missing_ok=True)
+        self.threads_file.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------ thread share
+
+    def give_threads(self, threads: int) -> None:
+        atomic_write_text(self.threads_file, f"{threads}\n")
+
+    def thread_share(self) -> int | None:
+        """Threads a sweep handed this run after other runs ended; None when it handed none."""
+        try:
+            threads = int(self.threads_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return threads if threads > 0 else None
