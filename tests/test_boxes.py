@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 
 from pneumo.boxes import (
+    box_records,
+    boxes_in_image,
     boxes_to_mask,
     check_patient_id,
     format_prediction_string,
@@ -28,6 +30,37 @@ def test_iou_matrix_known_values():
     assert iou.shape == (1, 4)
     assert np.allclose(iou[0], [1.0, 50 / 150, 0.0, 0.5])
     assert iou_matrix([], b).shape == (0, 4)
+
+
+def test_iou_matrix_batched_equals_one_image_at_a_time():
+    rng = np.random.default_rng(0)
+    a = np.concatenate([rng.uniform(0, 80, (5, 3, 2)), rng.uniform(1, 40, (5, 3, 2))], axis=-1)
+    b = np.concatenate([rng.uniform(0, 80, (5, 2, 2)), rng.uniform(1, 40, (5, 2, 2))], axis=-1)
+    batched = iou_matrix(a, b)
+    assert batched.shape == (5, 3, 2)
+    for i in range(5):
+        assert np.allclose(batched[i], iou_matrix(a[i], b[i]))
+
+
+def test_boxes_in_image_scales_each_axis_and_min_area_in_image_pixels():
+    prob = np.zeros((32, 32))
+    prob[4:8, 2:10] = 0.9  # 8 x 4 model pixels
+    prob[20:22, 20:22] = 0.7  # 2 x 2 model pixels
+    # a 640-row x 1280-column image: x scales by 40, y by 20; one model pixel is 800 image pixels
+    boxes, conf = boxes_in_image(prob, 0.5, min_box_area=4 * 800, rows=640, columns=1280)
+    order = np.argsort(boxes[:, 0])
+    assert np.allclose(boxes[order], [[80, 80, 320, 80], [800, 400, 80, 40]])
+    assert np.allclose(conf[order], [0.9, 0.7])
+    boxes, _ = boxes_in_image(prob, 0.5, min_box_area=4 * 800 + 1, rows=640, columns=1280)
+    assert np.allclose(boxes, [[80, 80, 320, 80]])
+    boxes, conf = boxes_in_image(np.zeros((16, 16)), 0.5, 0.0, 1024, 1024)
+    assert boxes.shape == (0, 4) and conf.shape == (0,)
+
+
+def test_box_records():
+    records = box_records([[1, 2, 3, 4]], [0.123456])
+    assert records == [{"x": 1.0, "y": 2.0, "width": 3.0, "height": 4.0, "confidence": 0.1235}]
+    assert box_records(np.zeros((0, 4)), []) == []
 
 
 def test_parse_boxes_components_and_confidence():

@@ -51,17 +51,23 @@ def scale(boxes, sx: float, sy: float | None = None) -> np.ndarray:
     return as_boxes(boxes) * np.array([sx, sy, sx, sy])
 
 
+def _box_stack(boxes) -> np.ndarray:
+    """Boxes as a float64 array whose last axis is (x, y, w, h): (..., N, 4); flat input -> (N, 4)."""
+    arr = np.asarray(boxes, dtype=np.float64)
+    return arr if arr.ndim >= 2 and arr.shape[-1] == 4 else as_boxes(arr)
+
+
 def iou_matrix(a, b) -> np.ndarray:
-    """IoU of every box in a (N, 4) with every box in b (M, 4): an (N, M) array, no masks."""
-    ca, cb = to_corners(a), to_corners(b)
-    x0 = np.maximum(ca[:, None, 0], cb[None, :, 0])
-    y0 = np.maximum(ca[:, None, 1], cb[None, :, 1])
-    x1 = np.minimum(ca[:, None, 2], cb[None, :, 2])
-    y1 = np.minimum(ca[:, None, 3], cb[None, :, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area_a = (ca[:, 2] - ca[:, 0]) * (ca[:, 3] - ca[:, 1])
-    area_b = (cb[:, 2] - cb[:, 0]) * (cb[:, 3] - cb[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
+    """IoU of every box in a (..., N, 4) with every box in b (..., M, 4): (..., N, M), no masks.
+
+    Leading axes broadcast, so a stack of images (n, N, 4) x (n, M, 4) is one array operation.
+    """
+    a, b = _box_stack(a), _box_stack(b)
+    a0, b0 = a[..., :, None, :2], b[..., None, :, :2]
+    lo = np.maximum(a0, b0)
+    hi = np.minimum(a0 + a[..., :, None, 2:], b0 + b[..., None, :, 2:])
+    inter = np.clip(hi - lo, 0, None).prod(axis=-1)
+    union = a[..., 2:].prod(axis=-1)[..., :, None] + b[..., 2:].prod(axis=-1)[..., None, :] - inter
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(union > 0, inter / union, 0.0)
 
@@ -87,11 +93,29 @@ def parse_boxes(probability_map: np.ndarray, threshold: float, min_area: float =
     return as_boxes(boxes), np.asarray(confidences, dtype=np.float64)
 
 
+def boxes_in_image(probability: np.ndarray, threshold: float, min_box_area: float, rows: int, columns: int):
+    """Boxes (N, 4) in the image's own frame (rows x columns pixels) and their confidences, from
+    one model-resolution probability map; min_box_area is in the image's own pixels.
+
+    The map may be a square resize of a non-square image: x and y are scaled separately.
+    """
+    sx, sy = columns / probability.shape[1], rows / probability.shape[0]
+    boxes, confidences = parse_boxes(probability, threshold, min_box_area / (sx * sy))
+    return scale(boxes, sx, sy), confidences
+
+
 def boxes_from_probability(probability_map: np.ndarray, threshold: float, min_area: float, sx: float, sy: float):
     """Boxes in the original frame (model frame scaled by sx, sy) and confidences from one
-    model-resolution probability map; min_area is in model pixels."""
+    model-resolution probability map; min_area is in model pixels. Prefer boxes_in_image."""
     boxes, confidences = parse_boxes(probability_map, threshold, min_area)
     return scale(boxes, sx, sy), confidences
+
+
+def box_records(boxes, confidences) -> list[dict]:
+    """Boxes and confidences as JSON records {x, y, width, height, confidence} (the API and
+    annotations.json format); confidences rounded to 4 places."""
+    return [{"x": float(x), "y": float(y), "width": float(w), "height": float(h), "confidence": round(float(c), 4)}
+            for (x, y, w, h), c in zip(as_boxes(boxes), confidences)]
 
 
 def boxes_to_mask(boxes, height: int, width: int) -> np.ndarray:
