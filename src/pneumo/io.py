@@ -7,24 +7,52 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 
-def atomic_write_text(path, text: str) -> None:
+@cache
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_file(path, mode: str = "wb"):
+    """Yield a file object open on a temporary sibling that becomes path only if the block
+    succeeds; on any failure the old file (if any) stays and the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def atomic_write_bytes(path, data: bytes) -> None:
+    with atomic_file(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path, text: str) -> None:
+    with atomic_file(path, "w") as f:
+        f.write(text)
+
+
 def atomic_write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def atomic_save_image(path, image, format: str = "PNG", **options) -> None:
+    """Save a Pillow image atomically (options go to Image.save, e.g. compress_level=1)."""
+    with atomic_file(path, "wb") as f:
+        image.save(f, format=format, **options)
 
 
 @contextmanager
