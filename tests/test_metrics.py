@@ -148,3 +148,23 @@ def test_batched_dataset_score_equals_per_image_scores():
     assert score.n_images == len(per_image)
     assert score.map == pytest.approx(np.mean(per_image), abs=1e-12)
     assert sorted(score.per_image.values()) == pytest.approx(sorted(per_image))
+
+
+def test_non_numeric_label_cell_is_one_line_naming_line_and_column(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("patientId,x,y,width,height,Target\na,0,0,10,10,1\nb,,,,,0\nc,5,five,10,10,1\n")
+    sub = tmp_path / "sub.csv"
+    sub.write_text("patientId,PredictionString\na,0.9 0 0 10 10\n")
+    out = subprocess.run([sys.executable, "-m", "pneumo", "score", str(sub), str(labels)],
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert "line 4, column y: 'five' is not a number" in out.stderr
+
+
+def test_labels_without_target_column_still_score(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("patientId,x,y,width,height\na,0,0,10,10\nb,,,,\n")
+    sub = tmp_path / "sub.csv"
+    sub.write_text("patientId,PredictionString\na,0.9 0 0 10 10\nb,\n")
+    assert score_files(sub, labels).map == 1.0

@@ -96,7 +96,7 @@ def mean_average_precision(ground_truth: dict, predictions: dict, thresholds=THR
     for (n_pred, n_gt), items in groups.items():
         preds = np.stack([p for _, p, _ in items])  # (n, n_pred, 4)
         gts = np.stack([g for _, _, g in items])  # (n, n_gt, 4)
-        tp = _greedy_true_positives(_batched_iou(preds, gts), thresholds)
+        tp = _greedy_true_positives(iou_matrix(preds, gts), thresholds)
         ids += [pid for pid, _, _ in items]
         tables.append(tp / (n_pred + n_gt - tp))
     table = np.vstack(tables)
@@ -105,39 +105,6 @@ def mean_average_precision(ground_truth: dict, predictions: dict, thresholds=THR
     per_t = {f"{t:.2f}": float(v) for t, v in zip(thresholds, table.mean(axis=0))}
     per_image = dict(zip(ids, (float(v) for v in table.mean(axis=1))))
     return Score(float(table.mean()), len(table), per_t, per_image)
-
-
-def _batched_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(n, P, 4) and (n, G, 4) boxes (x, y, w, h) -> (n, P, G) IoU."""
-    a0, a1 = a[..., :2], a[..., :2] + a[..., 2:]
-    b0, b1 = b[..., :2], b[..., :2] + b[..., 2:]
-    lo = np.maximum(a0[:, :, None], b0[:, None])
-    hi = np.minimum(a1[:, :, None], b1[:, None])
-    inter = np.clip(hi - lo, 0, None).prod(axis=-1)
-    union = a[..., 2:].prod(-1)[:, :, None] + b[..., 2:].prod(-1)[:, None] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
-
-
-def read_labels(path) -> dict[str, np.ndarray]:
-    """RSNA labels CSV (patientId,x,y,width,height,Target) -> {patientId: boxes}."""
-    import pandas as pd
-
-    path = Path(path)
-    try:
-        df = pd.read_csv(path, dtype={"patientId": str})
-    except FileNotFoundError:
-        raise SubmissionError(f"{path}: no such file") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise SubmissionError(f"{path}: not a readable CSV ({exc})") from None
-    missing = {"patientId", "x", "y", "width", "height"} - set(df.columns)
-    if missing:
-        raise SubmissionError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-    labels: dict[str, list] = {pid: [] for pid in df["patientId"]}
-    boxed = df.dropna(subset=["x", "y", "width", "height"])
-    for pid, x, y, w, h in boxed[["patientId", "x", "y", "width", "height"]].itertuples(index=False):
-        labels[pid].append((x, y, w, h))
-    return {pid: as_boxes(b) for pid, b in labels.items()}
 
 
 def read_submission(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -167,4 +134,6 @@ def read_submission(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def score_files(submission, labels) -> Score:
     """The official score of a submission CSV against a labels CSV."""
+    from pneumo.data import read_labels
+
     return mean_average_precision(read_labels(labels), read_submission(submission))

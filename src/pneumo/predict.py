@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo.boxes import check_patient_id, format_prediction_string
-from pneumo.errors import DicomError, ModelError, PneumoError
-from pneumo.io import atomic_write_json, atomic_write_text
+from pneumo.boxes import box_records, boxes_in_image, format_prediction_string
+from pneumo.data import decode_file, dicom_files
+from pneumo.errors import DataError, ModelError
+from pneumo.io import atomic_save_image, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,7 @@ class Predictor:
 
     def boxes(self, prob: np.ndarray, rows: int, columns: int):
         """Boxes (x, y, w, h) in the image's own frame and their confidences."""
-        from pneumo.boxes import boxes_from_probability
-
-        sx, sy = columns / self.image_size, rows / self.image_size
-        return boxes_from_probability(prob, self.threshold, self.min_box_area / (sx * sy), sx, sy)
+        return boxes_in_image(prob, self.threshold, self.min_box_area, rows, columns)
 
 
 def load_predictor(model, threshold: float | None = None, min_box_area: float | None = None,
@@ -109,12 +107,13 @@ def load_predictor(model, threshold: float | None = None, min_box_area: float | 
 
 def _input_files(images_dir: Path) -> list[Path]:
     if not images_dir.is_dir():
-        raise PneumoError(f"{images_dir}: images directory does not exist")
-    return sorted(p for p in images_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+        raise DataError(f"{images_dir}: images directory does not exist")
+    return dicom_files(images_dir)
 
 
 class _Decoded:
-    """DataLoader items: decoding happens in worker processes, in parallel with inference."""
+    """DataLoader items (pneumo.data.Decoded): decoding happens in worker processes, in
+    parallel with inference."""
 
     def __init__(self, files, size: int, keep_image: bool):
         # the full-size image crosses the process boundary only when a PNG will be drawn from it
@@ -124,18 +123,7 @@ class _Decoded:
         return len(self.files)
 
     def __getitem__(self, i):
-        from pneumo.dicom import read_dicom, resize_area
-
-        path = self.files[i]
-        try:
-            check_patient_id(path.stem)
-            image, meta = read_dicom(path)
-        except DicomError as exc:
-            return {"path": str(path), "error": exc.reason}
-        except ValueError as exc:
-            return {"path": str(path), "error": str(exc)}
-        return {"path": str(path), "patientId": path.stem, "shape": image.shape,
-                "image": image if self.keep_image else None, "small": resize_area(image, self.size)}
+        return decode_file(self.files[i], self.size, keep_full=self.keep_image)
 
 
 def _settings_key(predictor: Predictor, tta: bool) -> str:
@@ -163,7 +151,7 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
     atomic_write_json(settings, {"key": key, "model": predictor.name})
     gt = None
     if labels:
-        from pneumo.metrics import read_labels
+        from pneumo.data import read_labels
 
         gt = read_labels(labels)
 
@@ -184,31 +172,27 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
 
     seen_ids: dict[str, str] = {}
     for batch in track(loader, len(loader), "predicting"):
-        good = [item for item in batch if "error" not in item]
+        good = [item for item in batch if item.error is None]
         for item in batch:
-            if "error" in item:
-                atomic_write_json(part_path(Path(item["path"])), {"path": item["path"], "error": item["error"]})
+            if item.error is not None:
+                atomic_write_json(part_path(Path(item.path)), {"path": item.path, "error": item.error})
         if not good:
             continue
-        probs = predictor.probabilities(np.stack([item["small"] for item in good]), tta=tta)
+        probs = predictor.probabilities(np.stack([item.image for item in good]), tta=tta)
         for item, prob in zip(good, probs):
-            path, pid = Path(item["path"]), item["patientId"]
+            path, pid = Path(item.path), item.patientId
             if pid in seen_ids:
                 atomic_write_json(part_path(path), {"path": str(path), "error": f"duplicate patientId (also {seen_ids[pid]})"})
                 continue
             seen_ids[pid] = str(path)
-            rows, columns = item["shape"]
+            rows, columns = item.shape
             boxes, conf = predictor.boxes(prob, rows, columns)
             if save_images:
                 truth = gt.get(pid, ()) if gt is not None else ()
-                png = out / "images" / f"{pid}.png"
-                tmp = png.with_name(f".{png.name}.tmp")
-                annotate(item["image"], boxes, conf, truth).save(tmp, format="PNG", compress_level=1)
-                os.replace(tmp, png)
-            atomic_write_json(part_path(path), {
-                "path": str(path), "patientId": pid, "image_size": [rows, columns],
-                "boxes": [{"x": float(b[0]), "y": float(b[1]), "width": float(b[2]), "height": float(b[3]),
-                           "confidence": round(float(c), 4)} for b, c in zip(boxes, conf)]})
+                atomic_save_image(out / "images" / f"{pid}.png", annotate(item.full, boxes, conf, truth),
+                                  compress_level=1)
+            atomic_write_json(part_path(path), {"path": str(path), "patientId": pid, "image_size": [rows, columns],
+                                                "boxes": box_records(boxes, conf)})
     seconds = time.perf_counter() - start
     return _assemble(files, part_path, out, predictor, gt, len(todo), seconds)
 

@@ -17,16 +17,23 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumo.data import (
+    CLASS_COLUMNS,
+    CLASS_INFO,
+    CLASSES,
+    LABEL_COLUMNS,
+    SAMPLE_SUBMISSION,
+    TEST_IMAGES,
+    TRAIN_IMAGES,
+    TRAIN_LABELS,
+)
 from pneumo.dicom import quiet_pydicom
-from pneumo.io import atomic_write_text
+from pneumo.io import atomic_file, atomic_write_text
 
-CLASSES = ("Lung Opacity", "No Lung Opacity / Not Normal", "Normal")
 CLASS_P = (0.225, 0.443, 0.332)  # patient-level class mix of the real stage 2 training set
 P_AP = {"Lung Opacity": 0.75, "No Lung Opacity / Not Normal": 0.5, "Normal": 0.3}
 N_BOXES_P = (0.43, 0.54, 0.025, 0.005)  # 1..4 boxes per positive patient, as in the real data
-TRAIN_IMAGES, TEST_IMAGES = "stage_2_train_images", "stage_2_test_images"
-TRAIN_LABELS, CLASS_INFO = "stage_2_train_labels.csv", "stage_2_detailed_class_info.csv"
-TEST_LABELS, SAMPLE_SUBMISSION = "stage_2_test_labels.csv", "stage_2_sample_submission.csv"
+TEST_LABELS = "stage_2_test_labels.csv"  # synth only: the real test set has no public labels
 
 
 @dataclass(frozen=True)
@@ -158,10 +165,8 @@ def write_dicom(path: Path, image: np.ndarray, case: Case) -> None:
     ds.LossyImageCompression = "01"
     ds.LossyImageCompressionMethod = "ISO_10918_1"
     ds.add_new(0x7FE00010, "OB", encapsulate([buf.getvalue()]))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with quiet_pydicom():
-        ds.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
+    with quiet_pydicom(), atomic_file(path, "wb") as f:
+        ds.save_as(f, enforce_file_format=True)
 
 
 def _make_one(job) -> Case:
@@ -173,7 +178,7 @@ def _make_one(job) -> Case:
 
 
 def _labels_csv(cases) -> str:
-    lines = ["patientId,x,y,width,height,Target"]
+    lines = [",".join(LABEL_COLUMNS)]
     for c in cases:
         if c.boxes:
             lines += [f"{c.patient_id},{x},{y},{w},{h},1" for x, y, w, h in c.boxes]
@@ -203,7 +208,7 @@ def make_dataset(out, n_train: int = 400, n_test: int = 60, seed: int = 0, size:
     train, test = cases[:n_train], cases[n_train:]
     atomic_write_text(out / TRAIN_LABELS, _labels_csv(train))
     # The real class-info file repeats a patient's row once per box: so does this one.
-    info = ["patientId,class"] + [f'{c.patient_id},"{c.klass}"' if "/" in c.klass else f"{c.patient_id},{c.klass}"
+    info = [",".join(CLASS_COLUMNS)] + [f'{c.patient_id},"{c.klass}"' if "/" in c.klass else f"{c.patient_id},{c.klass}"
                                   for c in train for _ in range(max(len(c.boxes), 1))]
     atomic_write_text(out / CLASS_INFO, "\n".join(info) + "\n")
     atomic_write_text(out / TEST_LABELS, _labels_csv(test))

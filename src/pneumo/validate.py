@@ -10,6 +10,7 @@ import numpy as np
 from pneumo.boxes import check_patient_id
 from pneumo.data import (
     CLASS_COLUMNS,
+    CLASSES,
     POSITIVE_CLASS,
     dicom_files,
     layout,
@@ -18,7 +19,6 @@ from pneumo.data import (
     scan,
 )
 from pneumo.errors import DataError
-from pneumo.synth import CLASSES
 
 EXPECTED_SIZE = (1024, 1024)  # frame assumed for boxes of a patient whose image is unusable
 BLANK_STD = 1.0  # grey-level standard deviation below which an image carries no information
@@ -65,7 +65,7 @@ class Report:
 def _check_images(report: Report, files, expected_ids, kind: str, workers) -> dict[str, tuple[int, int]]:
     """Report file problems; return {patientId: (rows, columns)} of the usable images."""
     usable, paths = {}, {}
-    for item in scan(files, workers=workers, description=f"validating {kind} images"):
+    for item in scan(files, workers=workers, description=f"validating {kind} images", measure_std=True):
         if not item.path.endswith(".dcm"):
             report.add(item.patientId, item.path, "not a .dcm file", "file name does not end in .dcm", "warning")
         if item.error:
