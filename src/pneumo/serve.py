@@ -21,8 +21,8 @@ def create_app(model, threshold: float | None = None, min_box_area: float | None
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import JSONResponse
 
-    from pneumo.dicom import read_dicom, resize_area
-    from pneumo.errors import DicomError
+    from pneumo.boxes import box_records
+    from pneumo.data import decode_file
     from pneumo.predict import load_predictor, resolve_checkpoint
 
     predictor = load_predictor(model, threshold, min_box_area)  # once, at start-up
@@ -39,26 +39,20 @@ def create_app(model, threshold: float | None = None, min_box_area: float | None
         with tempfile.NamedTemporaryFile(suffix=".dcm") as tmp:
             tmp.write(data)
             tmp.flush()
-            try:
-                image, meta = read_dicom(tmp.name)
-            except DicomError as exc:
-                raise HTTPException(422, f"{filename or 'upload'}: {exc.reason}") from None
+            item = decode_file(tmp.name, predictor.image_size, keep_full=annotated)
+        if item.error is not None:
+            raise HTTPException(422, f"{filename or 'upload'}: {item.error}")
         with lock:
-            prob = predictor.probabilities(resize_area(image, predictor.image_size)[None])[0]
-        boxes, conf = predictor.boxes(prob, *image.shape)
-        patient_id = Path(filename).stem if filename else (meta.PatientID or "upload")
-        result = {
-            "patientId": patient_id,
-            "boxes": [{"x": float(b[0]), "y": float(b[1]), "width": float(b[2]), "height": float(b[3]),
-                       "confidence": round(float(c), 4)} for b, c in zip(boxes, conf)],
-            "image_size": [int(image.shape[0]), int(image.shape[1])],
-            "model": predictor.name,
-        }
+            prob = predictor.probabilities(item.image[None])[0]
+        boxes, conf = predictor.boxes(prob, *item.shape)
+        patient_id = Path(filename).stem if filename else (item.meta["PatientID"] or "upload")
+        result = {"patientId": patient_id, "boxes": box_records(boxes, conf), "image_size": list(item.shape),
+                  "model": predictor.name}
         if annotated:
             from pneumo.render import annotate
 
             buf = io.BytesIO()
-            annotate(image, boxes, conf).save(buf, format="PNG")
+            annotate(item.full, boxes, conf).save(buf, format="PNG")
             result["annotated_png_base64"] = base64.b64encode(buf.getvalue()).decode()
         return result
 
