@@ -32,3 +32,19 @@ def test_prepare_command(synth_dir, tmp_path):
     out = _run("prepare", synth_dir, "--out", tmp_path / "p", "--image-size", "32")
     assert out.returncode == 0, out.stderr
     assert "48 images (0 skipped" in out.stdout and (tmp_path / "p" / "manifest.json").is_file()
+
+
+def test_help_opens_with_a_whole_sentence():
+    out = _run("--help")
+    description = out.stdout.split("\n\n")[1]
+    assert out.returncode == 0 and description.strip().endswith(".") and "so that" not in description
+
+
+def test_prepare_defaults_are_the_training_defaults():
+    # a default `pneumo prepare DIR` must make the cache a default `pneumo train --data-dir CACHE` reads
+    from pneumo.cli import build_parser
+    from pneumo.config import TrainConfig
+
+    args = build_parser().parse_args(["prepare", "d"])
+    default = TrainConfig()
+    assert (args.image_size, args.val_fraction, args.seed) == (default.image_size, default.val_fraction, default.seed)

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from pneumo.dicom import read_dicom, resize_area
-from pneumo.errors import DataError
+from pneumo.errors import ConfigError, DataError
 from pneumo.prepare import open_prepared, prepare, split_patients
 
 
@@ -74,3 +74,19 @@ def test_labelled_file_with_another_suffix_is_decoded_or_listed(data_copy, tmp_p
     assert first.stem in set(prepared.features["patientId"])
     skipped = pd.read_csv(tmp_path / "p" / "skipped.csv")
     assert skipped["patientId"].tolist() == [second.stem]  # not silently dropped
+
+
+def test_defaults_and_range_are_the_training_ones(synth_dir, tmp_path):
+    import inspect
+
+    from pneumo.config import IMAGE_SIZE_RANGE, TrainConfig
+
+    defaults = {k: p.default for k, p in inspect.signature(prepare).parameters.items()}
+    assert defaults["image_size"] == TrainConfig().image_size
+    assert (defaults["val_fraction"], defaults["seed"]) == (TrainConfig().val_fraction, TrainConfig().seed)
+    low, high = IMAGE_SIZE_RANGE
+    for size in (low - 1, high + 1):  # sizes a run could not train on are refused before decoding
+        with pytest.raises(DataError, match=f"between {low} and {high}"):
+            prepare(synth_dir, out=tmp_path / "x", image_size=size)
+    with pytest.raises(ConfigError):
+        TrainConfig(image_size=high * 2)

@@ -1,5 +1,8 @@
-"""The `pneumo` command line. Each command imports what it needs when it runs, so that
-`score`, `validate` and `synth` start without torch."""
+"""The pneumo command line: synthetic data, validation, training, sweeps, prediction and scoring.
+
+Each command imports what it needs when it runs, so that `score`, `validate` and `synth` start
+without torch.
+"""
 
 from __future__ import annotations
 
@@ -143,7 +146,10 @@ def _add_cluster_options(parser, verb: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pneumo", description=__doc__.splitlines()[0])
+    # pneumo.config imports no torch; prepare's defaults are the training defaults
+    from pneumo.config import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="pneumo", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -165,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="decode the training images once into a cache")
     p.add_argument("dir", type=Path)
     p.add_argument("--out", type=Path, default=None, help="default: outputs/data/<fingerprint>")
-    p.add_argument("--image-size", type=_positive_int, default=256)
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=_positive_int, default=TrainConfig.image_size,
+                   help="side in pixels (default: the training default, %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--workers", type=_positive_int, default=None)
     p.add_argument("--force", action="store_true", help="rebuild even if the inputs are unchanged")
     _add_cluster_options(p, "decode")

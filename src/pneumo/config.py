@@ -21,6 +21,7 @@ DEFAULT_LR = {"adam": 1e-3, "adamw": 1e-3, "adamax": 2e-3, "sgd": 3e-2, "adagrad
 SCHEDULERS = ("cosine", "onecycle", "none")
 LOSSES = ("bce_dice", "bce", "dice")
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
+IMAGE_SIZE_RANGE = (32, 1024)  # model input side in pixels; `pneumo prepare` checks the same range
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class TrainConfig:
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (1 <= self.depth <= 6, "depth must be in 1..6"),
             (self.width >= 2, "width must be >= 2"),
-            (32 <= self.image_size <= 1024, "image_size must be in 32..1024"),
+            (IMAGE_SIZE_RANGE[0] <= self.image_size <= IMAGE_SIZE_RANGE[1],
+             "image_size must be in {}..{}".format(*IMAGE_SIZE_RANGE)),
             (self.image_size % 2**self.depth == 0, f"image_size must be divisible by 2**depth = {2**self.depth}"),
             (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
             (0 < self.threshold < 1, "threshold must be in (0, 1)"),

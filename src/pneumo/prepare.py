@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumo.boxes import check_patient_id
+from pneumo.config import IMAGE_SIZE_RANGE, TrainConfig
 from pneumo.data import (
     CLASS_COLUMNS,
     POSITIVE_CLASS,
@@ -140,17 +141,20 @@ def open_prepared(path) -> Prepared:
     return Prepared(root, manifest, features, boxes)
 
 
-def prepare(data_dir, out=None, image_size: int = 256, val_fraction: float = 0.2, seed: int = 0,
-            workers: int | None = None, force: bool = False, outputs=None, client=None) -> Prepared:
+def prepare(data_dir, out=None, image_size: int = TrainConfig.image_size, val_fraction: float = TrainConfig.val_fraction,
+            seed: int = TrainConfig.seed, workers: int | None = None, force: bool = False, outputs=None,
+            client=None) -> Prepared:
     """Build (or reuse, when the fingerprint matches) the prepared cache of data_dir.
 
     out defaults to <outputs>/data/<fingerprint>, outputs to outputs_root(). With a Dask
-    client, decoding runs on the cluster's workers (they must see data_dir).
+    client, decoding runs on the cluster's workers (they must see data_dir). image_size,
+    val_fraction and seed default to TrainConfig's, so a default cache is what a default run reads.
     """
     import pandas as pd
 
-    if not 16 <= image_size <= 2048:
-        raise DataError(f"image size {image_size}: must be between 16 and 2048 pixels")
+    low, high = IMAGE_SIZE_RANGE
+    if not low <= image_size <= high:
+        raise DataError(f"image size {image_size}: must be between {low} and {high} pixels (TrainConfig's range)")
     if not 0 <= val_fraction < 1:
         raise DataError(f"val fraction {val_fraction}: must be in [0, 1)")
     lay = layout(data_dir)
