@@ -25,3 +25,14 @@ def test_environment_yml_mirrors_pyproject():
 def test_outputs_dir_is_in_git_but_empty():
     ignore = (ROOT / ".gitignore").read_text().splitlines()
     assert "outputs/*" in ignore and "!outputs/README.md" in ignore
+
+
+def test_one_version_string():
+    import importlib.metadata
+
+    import pneumo
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "pneumo.__version__"}
+    assert importlib.metadata.version("pneumo") == pneumo.__version__
