@@ -13,6 +13,9 @@ from pneumo.boxes import parse_prediction_string
 from pneumo.errors import ModelError
 from pneumo.predict import load_predictor, predict_folder, resolve_checkpoint
 
+# every test here predicts with tiny_run, a model trained for the session (conftest.py)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def mixed_dir(synth_dir, tmp_path):

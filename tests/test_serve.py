@@ -10,6 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+# the server loads tiny_run, a model trained for the session (conftest.py)
+pytestmark = pytest.mark.slow
+
 
 def _free_port():
     with socket.socket() as s:
