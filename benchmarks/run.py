@@ -1,8 +1,15 @@
 """pneumo benchmarks: each measures the package against the straightforward approach in the
 same run and writes outputs/bench/<name>.json with the figures and the command that made them.
 
-    nox -s bench                      # everything
+    nox -s bench                      # all of these (synthetic data, a few minutes)
     nox -s bench -- score loader      # some of: score prepare startup loader train predict sweep
+    nox -s bench -- real [--data-dir DIR] [--profile NAME] [-p key=value ...] [--splits N] [--label NAME]
+
+`real` (benchmarks/real.py) is the real-data benchmark that decides model changes: it trains a
+profile on several patient splits of the real RSNA data (default ../shared/rsna-real) and writes
+outputs/bench/real.json and real.md. It needs that data and takes tens of minutes, so a plain
+`nox -s bench` never runs it: name it, alone, with its own arguments after it
+(`nox -s bench -- real --help`).
 """
 
 from __future__ import annotations
@@ -162,7 +169,7 @@ def bench_loader():
     from skimage.transform import resize, rotate
 
     from pneumo.config import TrainConfig
-    from pneumo.lightning import RsnaDataModule, augment
+    from pneumo.datamodule import RsnaDataModule, augment
     from pneumo.prepare import prepare
 
     data = dataset()
@@ -187,7 +194,8 @@ def bench_loader():
         n, t0 = 0, time.perf_counter()
         for epoch in range(3):
             loader.sampler.set_epoch(epoch)
-            for images, masks, _ in loader:
+            for batch in loader:
+                images, masks = batch["images"], batch["masks"]
                 if with_augment:
                     images, masks = augment(images.float() / 255, masks.float())
                 n += images.shape[0]
@@ -240,10 +248,11 @@ def bench_predict():
 
     from pneumo.dicom import read_dicom, resize_area
     from pneumo.predict import load_predictor, predict_folder
+    from pneumo.rundir import RunDir
 
     data = dataset()
     run = OUT / "train-run"
-    if not (run / "checkpoints" / "best.ckpt").is_file():
+    if not RunDir(run).best_checkpoint.is_file():
         bench_train()
     images = data / "stage_2_test_images"
     files = sorted(images.glob("*.dcm"))
@@ -313,15 +322,16 @@ def _serve_latency(run, dcm):
 
 def bench_sweep():
     """Wall time vs ideal of the last `nox -s sweep` (sum of run times / parallel slots)."""
+    from pneumo.rundir import RunDir
+
     root = Path(os.environ.get("PNEUMO_OUTPUTS", "outputs")) / "runs" / "optimizers"
     records = []
-    for run in sorted(p for p in root.glob("*") if p.name != "marathon"):
-        proc = json.loads((run / "process.json").read_text()) if (run / "process.json").is_file() else None
-        metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else None
-        log = (run / "log.txt").stat() if (run / "log.txt").is_file() else None
-        if proc and metrics and log:
+    for path in sorted(p for p in root.glob("*") if p.name != "marathon"):
+        run = RunDir(path)
+        proc, metrics = run.process(), run.metrics()
+        if proc and metrics and run.log.is_file():
             records.append({"run": run.name, "process_s": proc["seconds"], "fit_s": metrics["wall_time_s"],
-                            "end": log.st_mtime})
+                            "end": run.log.stat().st_mtime})
     if not records:
         return record("sweep", {"error": "run `nox -s sweep` first"})
     starts = [r["end"] - r["process_s"] for r in records]
@@ -338,10 +348,26 @@ def bench_sweep():
 BENCHES = {"score": bench_score, "prepare": bench_prepare, "startup": bench_startup, "loader": bench_loader,
            "train": bench_train, "predict": bench_predict, "sweep": bench_sweep}
 
-if __name__ == "__main__":
-    names = sys.argv[1:] or list(BENCHES)
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "real":  # the real-data benchmark takes its own arguments
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import real
+
+        return real.main(argv[1:])
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    names = argv or list(BENCHES)
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
-        sys.exit(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
+        hint = "; `real` goes first, alone, with its own arguments" if "real" in names else ""
+        sys.exit(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}, "
+                 f"or real (not run by default){hint}")
     for name in names:
         BENCHES[name]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
