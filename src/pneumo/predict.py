@@ -131,6 +131,19 @@ def _settings_key(predictor: Predictor, tta: bool) -> str:
                                       predictor.image_size]).encode()).hexdigest()[:16]
 
 
+def _parts_dir(out: Path, predictor: Predictor, tta: bool) -> Path:
+    """OUT/.parts, emptied of the results of another model or other settings."""
+    parts = out / ".parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    key = _settings_key(predictor, tta)
+    settings = parts / "settings.key"  # not *.json: that name space belongs to the input files
+    if settings.is_file() and json.loads(settings.read_text()).get("key") != key:
+        for p in parts.glob("*.json"):  # other model or settings: start over
+            p.unlink()
+    atomic_write_json(settings, {"key": key, "model": predictor.name})
+    return parts
+
+
 def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tta: bool = False, labels=None,
                    batch_size: int = 16, workers: int | None = None, save_images: bool = True) -> dict:
     """Predict every file of images_dir into out; returns the summary (and the score with labels)."""
@@ -141,14 +154,7 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
     predictor = model if isinstance(model, Predictor) else load_predictor(model, threshold, min_box_area)
     images_dir, out = Path(images_dir), Path(out)
     files = _input_files(images_dir)
-    parts = out / ".parts"
-    parts.mkdir(parents=True, exist_ok=True)
-    key = _settings_key(predictor, tta)
-    settings = parts / "settings.key"  # not *.json: that name space belongs to the input files
-    if settings.is_file() and json.loads(settings.read_text()).get("key") != key:
-        for p in parts.glob("*.json"):  # other model or settings: start over
-            p.unlink()
-    atomic_write_json(settings, {"key": key, "model": predictor.name})
+    parts = _parts_dir(out, predictor, tta)
     gt = None
     if labels:
         from pneumo.data import read_labels
