@@ -11,7 +11,8 @@ from PIL import Image
 
 from pneumo.boxes import parse_prediction_string
 from pneumo.errors import ModelError
-from pneumo.predict import load_predictor, predict_folder, resolve_checkpoint
+from pneumo.predict import load_predictor, predict_folder
+from pneumo.registry import resolve_model
 
 # every test here predicts with tiny_run, a model trained for the session (conftest.py)
 pytestmark = pytest.mark.slow
@@ -78,18 +79,18 @@ def test_threshold_override_and_tta(tiny_run, synth_dir, tmp_path):
 
 def test_model_paths(tiny_run, tmp_path):
     ckpt = tiny_run / "checkpoints" / "best.ckpt"
-    assert resolve_checkpoint(tiny_run)[0] == ckpt
-    assert resolve_checkpoint(ckpt)[0] == ckpt
+    assert resolve_model(tiny_run)[0] == ckpt
+    assert resolve_model(ckpt)[0] == ckpt
     family = tmp_path / "models" / "m"
     for v in ("v1", "v2", "v10"):
         (family / v).mkdir(parents=True)
         shutil.copy(ckpt, family / v / "model.ckpt")
         (family / v / "model.json").write_text(json.dumps({"name": "m", "version": v}))
-    path, card = resolve_checkpoint(family)
+    path, card = resolve_model(family)
     assert path == family / "v10" / "model.ckpt" and card["version"] == "v10"
     assert load_predictor(family).name == "m/v10"
     with pytest.raises(ModelError, match="no such model"):
-        resolve_checkpoint(tmp_path / "nothing")
+        resolve_model(tmp_path / "nothing")
     bogus = tmp_path / "bogus.ckpt"
     bogus.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelError, match="not a pneumo checkpoint"):

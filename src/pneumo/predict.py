@@ -21,27 +21,9 @@ from pneumo.boxes import box_records, boxes_in_image, format_prediction_string
 from pneumo.data import decode_file, dicom_files
 from pneumo.errors import DataError, ModelError
 from pneumo.io import atomic_save_image, atomic_write_json, atomic_write_text
+from pneumo.registry import resolve_model
 
 log = logging.getLogger(__name__)
-
-
-def resolve_checkpoint(path) -> tuple[Path, dict]:
-    """(checkpoint file, model card or {}) for a checkpoint, run dir, model dir or model family dir."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        return path, {}
-    if (path / "model.ckpt").is_file():
-        card = path / "model.json"
-        return path / "model.ckpt", json.loads(card.read_text()) if card.is_file() else {}
-    if (path / "checkpoints" / "best.ckpt").is_file():
-        return path / "checkpoints" / "best.ckpt", {}
-    versions = sorted((p for p in path.glob("v*") if p.name[1:].isdigit() and (p / "model.ckpt").is_file()),
-                      key=lambda p: int(p.name[1:]))
-    if versions:  # a model family: outputs/models/<name>/ -> its latest version
-        return resolve_checkpoint(versions[-1])
-    if not path.exists():
-        raise ModelError(f"{path}: no such model (give a .ckpt file, a run directory or a model directory)")
-    raise ModelError(f"{path}: no model.ckpt, checkpoints/best.ckpt or v*/model.ckpt inside")
 
 
 @dataclass
@@ -83,7 +65,7 @@ def load_predictor(model, threshold: float | None = None, min_box_area: float | 
     from pneumo.config import TrainConfig
     from pneumo.model import UNet
 
-    ckpt_path, card = resolve_checkpoint(model)
+    ckpt_path, card = resolve_model(model)
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         config = TrainConfig.from_dict(ckpt["hyper_parameters"]["config"])

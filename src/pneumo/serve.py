@@ -23,10 +23,11 @@ def create_app(model, threshold: float | None = None, min_box_area: float | None
 
     from pneumo.boxes import box_records
     from pneumo.data import decode_file
-    from pneumo.predict import load_predictor, resolve_checkpoint
+    from pneumo.predict import load_predictor
+    from pneumo.registry import resolve_model
 
     predictor = load_predictor(model, threshold, min_box_area)  # once, at start-up
-    _, card = resolve_checkpoint(model)
+    _, card = resolve_model(model)
     lock = threading.Lock()  # one forward pass at a time: torch already uses every core
     app = FastAPI(title="pneumo", description="Pneumonia opacity boxes for chest X-ray DICOMs")
 

@@ -6,7 +6,7 @@ starts. Runs execute in parallel (pneumo.executors): one per visible GPU with
 CUDA_VISIBLE_DEVICES set, or on the CPU with the cores split between them, or as tasks of a
 Dask cluster. A failed or killed run is recorded and the others
 go on; --resume finishes what is not done. The marathon trains the best run longer into a
-versioned model under outputs/models/.
+versioned model under outputs/models/ (pneumo.registry).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 from pneumo.config import TrainConfig, read_params_file
 from pneumo.errors import ConfigError, PneumoError, SweepError
 from pneumo.io import atomic_write_json, atomic_write_text
+from pneumo.registry import export_model
 
 log = logging.getLogger(__name__)
 
@@ -388,49 +388,6 @@ def _markdown_table(df) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines)
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def export_model(run_dir: Path, models_root: Path, name: str, source_sweep: str) -> Path:
-    """Copy a finished run's best checkpoint into models_root/name/vN with its model card.
-
-    Models are never overwritten: each export is a new version; exporting the same run
-    again returns the existing version.
-    """
-    metrics = _read_json(run_dir / "metrics.json")
-    if metrics.get("status") != "finished":
-        raise SweepError(f"{run_dir}: not a finished run; nothing to export")
-    family = models_root / name
-    family.mkdir(parents=True, exist_ok=True)
-    for existing in sorted(family.glob("v*/model.json")):
-        if _read_json(existing).get("source_run") == str(run_dir.resolve()):
-            return existing.parent
-    versions = [int(p.name[1:]) for p in family.glob("v*") if p.name[1:].isdigit()]
-    target = family / f"v{max(versions, default=0) + 1}"
-    import yaml
-
-    from pneumo.io import atomic_dir
-
-    with atomic_dir(target) as tmp:
-        shutil.copy2(run_dir / "checkpoints" / "best.ckpt", tmp / "model.ckpt")
-        atomic_write_json(tmp / "model.json", {
-            "name": name, "version": target.name,
-            "params": yaml.safe_load((run_dir / "config.yaml").read_text()),
-            "metrics": {k: metrics.get(k) for k in ("best_val_map", "best_epoch", "per_threshold", "epochs_done",
-                                                     "wall_time_s", "n_train", "n_val")},
-            "threshold": metrics.get("threshold"),
-            "git_commit": _git_commit(), "data_fingerprint": metrics.get("data_fingerprint"),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source_sweep": source_sweep,
-            "source_run": str(run_dir.resolve()),
-        })
-    return target
 
 
 def sweep(params_file, out="outputs", data_dir=None, max_parallel: int | None = None, resume: bool = False,
