@@ -128,6 +128,30 @@ class Prepared:
         return {pid: groups.get(pid, np.zeros((0, 4))) for pid in self.features["patientId"]}
 
 
+def _decode_into(npy: Path, files, image_size: int, workers, client, skipped: list) -> list[dict]:
+    """Decode files into the uint8 (N, S, S) array npy, row i = the i-th decoded file; return
+    the metadata rows of those files and append the others to skipped."""
+    images = np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(len(files), image_size, image_size))
+    rows = []
+    for item in scan(files, image_size=image_size, workers=workers, description="preparing", client=client):
+        if item.error:
+            skipped.append({"path": item.path, "patientId": item.patientId, "reason": item.error})
+            continue
+        m = item.meta
+        images[len(rows)] = item.image
+        rows.append({"patientId": item.patientId, "PatientSex": m["PatientSex"], "PatientAge": m["PatientAge"],
+                     "ViewPosition": m["ViewPosition"], "rows": m["rows"], "columns": m["columns"]})
+    images.flush()
+    del images
+    if len(rows) < len(files):  # rewrite without the rows of skipped files
+        full = np.load(npy, mmap_mode="r")
+        kept = npy.with_name(f"{npy.stem}.kept.npy")
+        np.save(kept, np.asarray(full[:len(rows)]))
+        del full
+        os.replace(kept, npy)
+    return rows
+
+
 def open_prepared(path) -> Prepared:
     import pandas as pd
 
@@ -173,28 +197,11 @@ def prepare(data_dir, out=None, image_size: int = TrainConfig.image_size, val_fr
     listing = dicom_files(lay.train_images)
     files = [p for p in listing if p.stem in classes]
     unlabelled = [p for p in listing if p.stem not in classes]
-    rows, skipped = [], [{"path": str(p), "patientId": p.stem, "reason": "no row in the labels CSV"} for p in unlabelled]
+    skipped = [{"path": str(p), "patientId": p.stem, "reason": "no row in the labels CSV"} for p in unlabelled]
     with atomic_dir(out) as tmp:
-        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
-                                           shape=(len(files), image_size, image_size))
-        n = 0
-        for item in scan(files, image_size=image_size, workers=workers, description="preparing", client=client):
-            if item.error:
-                skipped.append({"path": item.path, "patientId": item.patientId, "reason": item.error})
-                continue
-            m = item.meta
-            images[n] = item.image
-            rows.append({"patientId": item.patientId, "PatientSex": m["PatientSex"], "PatientAge": m["PatientAge"],
-                         "ViewPosition": m["ViewPosition"], "Target": int(target[item.patientId]),
-                         "class": classes[item.patientId], "rows": m["rows"], "columns": m["columns"]})
-            n += 1
-        images.flush()
-        del images
-        if n < len(files):  # rewrite without the rows of skipped files
-            full = np.load(tmp / "images.npy", mmap_mode="r")
-            np.save(tmp / "images.kept.npy", np.asarray(full[:n]))
-            del full
-            os.replace(tmp / "images.kept.npy", tmp / "images.npy")
+        rows = _decode_into(tmp / "images.npy", files, image_size, workers, client, skipped)
+        for row in rows:
+            row.update({"Target": int(target[row["patientId"]]), "class": classes[row["patientId"]]})
         features = pd.DataFrame(rows, columns=["patientId", "PatientSex", "PatientAge", "ViewPosition", "Target",
                                                "class", "rows", "columns"])
         kept = set(features["patientId"])
