@@ -121,19 +121,27 @@ def test_diverging_run_raises_a_clear_error(synth_dir, tmp_path):
     with pytest.raises(TrainingDiverged, match="lower lr"):
         fit(config, tmp_path / "div")
     assert json.loads((tmp_path / "div" / "status.json").read_text())["state"] == "failed"
+    # on the command line a diverging run is one line naming the fix, not a traceback
+    cmd = [*_train_cmd(synth_dir, tmp_path / "div-cli", 2), "-p", "optimizer=sgd", "-p", "lr=1e12", "-p", "scheduler=none"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("pneumo: error: training diverged") and "lower lr" in last
 
 
 def test_truncated_last_checkpoint_falls_back_to_best(finished_run, tmp_path):
     import shutil
 
+    from pneumo.rundir import RunDir
     from pneumo.training import _resumable_checkpoint
 
     _, _, run_dir = finished_run
-    folder = tmp_path / "checkpoints"
+    copy = RunDir(tmp_path / "run")
+    folder = copy.checkpoints
     shutil.copytree(run_dir / "checkpoints", folder)
     last = folder / "last.ckpt"
     last.write_bytes(last.read_bytes()[:1000])  # killed while Lightning was writing it
-    assert _resumable_checkpoint(folder) == folder / "best.ckpt"
+    assert _resumable_checkpoint(copy) == folder / "best.ckpt"
     assert (folder / "last.ckpt.unreadable").is_file() and not last.exists()
     (folder / "best.ckpt").write_bytes(b"")
-    assert _resumable_checkpoint(folder) is None
+    assert _resumable_checkpoint(copy) is None

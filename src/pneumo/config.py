@@ -22,6 +22,9 @@ SCHEDULERS = ("cosine", "onecycle", "none")
 LOSSES = ("bce_dice", "bce", "dice")
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
 IMAGE_SIZE_RANGE = (32, 1024)  # model input side in pixels; `pneumo prepare` checks the same range
+# search: threshold, shape settings and classifier gate searched on the validation split each
+# epoch (pneumo.postprocess); threshold: the threshold alone; fixed: the values given here.
+POSTPROCESS = ("search", "threshold", "fixed")
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,10 @@ class TrainConfig:
     depth: int = 4  # UNet levels (image_size must be divisible by 2**depth)
     loss: str = "bce_dice"
     augment: bool = True
-    train_threshold: bool = True  # search the box threshold on the validation split each epoch
+    classifier: bool = True  # image-level opacity head on the deepest features; gates the boxes
+    metadata: bool = True  # the classifier also sees view position, sex and age
+    class_weight: float = 1.0  # weight of the classifier's cross-entropy beside the mask loss
+    postprocess: str = "search"  # search | threshold | fixed (see POSTPROCESS)
     threshold: float = 0.5  # probability threshold for boxes (the start value when searched)
     min_box_area: float = 1000.0  # in pixels of the original image frame (RSNA: 1024 x 1024)
     val_fraction: float = 0.2
@@ -68,6 +74,8 @@ class TrainConfig:
             (self.image_size % 2**self.depth == 0, f"image_size must be divisible by 2**depth = {2**self.depth}"),
             (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
             (0 < self.threshold < 1, "threshold must be in (0, 1)"),
+            (self.class_weight >= 0, "class_weight must be >= 0"),
+            (self.postprocess in POSTPROCESS, f"postprocess must be one of {', '.join(POSTPROCESS)}"),
             (self.min_box_area >= 0, "min_box_area must be >= 0"),
             (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
             (self.max_images >= 0, "max_images must be >= 0"),

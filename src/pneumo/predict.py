@@ -7,6 +7,7 @@ settings skips what is done; the final files are written atomically at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo.boxes import box_records, boxes_in_image, format_prediction_string
+from pneumo.boxes import box_records, format_prediction_string
 from pneumo.data import decode_file, dicom_files
 from pneumo.errors import DataError, ModelError
 from pneumo.io import atomic_save_image, atomic_write_json, atomic_write_text
+from pneumo.postprocess import PostProcess, apply
 from pneumo.registry import resolve_model
 
 log = logging.getLogger(__name__)
@@ -28,12 +30,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Predictor:
-    """A trained UNet with what it needs to turn images into boxes."""
+    """A trained network with the post-processing chosen for it: images in, boxes out."""
 
     net: torch.nn.Module  # noqa: F821
     config: TrainConfig  # noqa: F821
-    threshold: float
-    min_box_area: float
+    settings: PostProcess
     name: str
     device: torch.device  # noqa: F821
 
@@ -41,25 +42,44 @@ class Predictor:
     def image_size(self) -> int:
         return self.config.image_size
 
-    def probabilities(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
-        """(B, S, S) uint8 at model resolution -> (B, S, S) float32 probabilities."""
+    @property
+    def threshold(self) -> float:
+        return self.settings.threshold
+
+    def probabilities(self, batch: np.ndarray, metas=None, tta: bool = False):
+        """(B, S, S) uint8 at model resolution (and the images' DICOM metadata) -> (B, S, S)
+        float32 opacity maps and (B,) image-level opacity probabilities (None without a classifier)."""
         import torch
 
-        x = torch.from_numpy(batch).to(self.device)[:, None].float() / 255.0
-        with torch.inference_mode():
-            prob = torch.sigmoid(self.net(x))
-            if tta:  # horizontal flip: predict on the mirror image and mirror back
-                prob = (prob + torch.sigmoid(self.net(x.flip(-1))).flip(-1)) / 2
-        return prob[:, 0].float().cpu().numpy()
+        from pneumo.model import metadata_vector, opacity_probability
 
-    def boxes(self, prob: np.ndarray, rows: int, columns: int):
+        x = torch.from_numpy(batch).to(self.device)[:, None].float() / 255.0
+        meta = None
+        if self.config.classifier and self.config.metadata:
+            rows = [metadata_vector(m.get("ViewPosition"), m.get("PatientSex"), m.get("PatientAge"))
+                    for m in (metas or [{}] * len(batch))]
+            meta = torch.tensor(rows, dtype=torch.float32, device=self.device)
+        with torch.inference_mode():
+            out = self.net(x, meta)
+            prob, classes = torch.sigmoid(out.mask), out.classes
+            if tta:  # horizontal flip: predict on the mirror image and mirror back
+                flipped = self.net(x.flip(-1), meta)
+                prob = (prob + torch.sigmoid(flipped.mask).flip(-1)) / 2
+                classes = None if classes is None else (classes + flipped.classes) / 2
+        opacity = None if classes is None else opacity_probability(classes).cpu().numpy()
+        return prob[:, 0].float().cpu().numpy(), opacity
+
+    def boxes(self, prob: np.ndarray, rows: int, columns: int, opacity: float | None = None):
         """Boxes (x, y, w, h) in the image's own frame and their confidences."""
-        return boxes_in_image(prob, self.threshold, self.min_box_area, rows, columns)
+        return apply(prob, self.settings, rows, columns, opacity)
 
 
 def load_predictor(model, threshold: float | None = None, min_box_area: float | None = None,
                    device: str | None = None) -> Predictor:
-    """Rebuild the predictor from a checkpoint alone (weights_only loading: no pickled code)."""
+    """Rebuild the predictor from a checkpoint alone (weights_only loading: no pickled code).
+
+    threshold and min_box_area replace the checkpoint's own post-processing values.
+    """
     import torch
 
     from pneumo.config import TrainConfig
@@ -70,18 +90,18 @@ def load_predictor(model, threshold: float | None = None, min_box_area: float | 
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         config = TrainConfig.from_dict(ckpt["hyper_parameters"]["config"])
         state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+        net = UNet(config.width, config.depth, classifier=config.classifier, metadata=config.metadata)
+        net.load_state_dict(state)
     except Exception as exc:  # torch raises many types for files that are not pneumo checkpoints
         raise ModelError(f"{ckpt_path}: not a pneumo checkpoint ({type(exc).__name__}: {exc})") from None
-    net = UNet(config.width, config.depth)
-    net.load_state_dict(state)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net.to(dev).eval()
     extra = ckpt.get("pneumo", {})
+    settings = PostProcess.from_dict(extra.get("postprocess", {"threshold": config.threshold,
+                                                              "min_box_area": config.min_box_area}))
+    overrides = {k: float(v) for k, v in (("threshold", threshold), ("min_box_area", min_box_area)) if v is not None}
     name = f"{card['name']}/{card['version']}" if card else str(ckpt_path)
-    return Predictor(net, config,
-                     threshold if threshold is not None else float(extra.get("threshold", config.threshold)),
-                     min_box_area if min_box_area is not None else float(extra.get("min_box_area", config.min_box_area)),
-                     name, dev)
+    return Predictor(net, config, dataclasses.replace(settings, **overrides), name, dev)
 
 
 # ---------------------------------------------------------------- batch
@@ -109,7 +129,7 @@ class _Decoded:
 
 
 def _settings_key(predictor: Predictor, tta: bool) -> str:
-    return hashlib.sha256(json.dumps([predictor.name, predictor.threshold, predictor.min_box_area, tta,
+    return hashlib.sha256(json.dumps([predictor.name, predictor.settings.to_dict(), tta,
                                       predictor.image_size]).encode()).hexdigest()[:16]
 
 
@@ -166,15 +186,16 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
                 atomic_write_json(part_path(Path(item.path)), {"path": item.path, "error": item.error})
         if not good:
             continue
-        probs = predictor.probabilities(np.stack([item.image for item in good]), tta=tta)
-        for item, prob in zip(good, probs):
+        probs, opacity = predictor.probabilities(np.stack([item.image for item in good]),
+                                                 [item.meta for item in good], tta=tta)
+        for i, (item, prob) in enumerate(zip(good, probs)):
             path, pid = Path(item.path), item.patientId
             if pid in seen_ids:
                 atomic_write_json(part_path(path), {"path": str(path), "error": f"duplicate patientId (also {seen_ids[pid]})"})
                 continue
             seen_ids[pid] = str(path)
             rows, columns = item.shape
-            boxes, conf = predictor.boxes(prob, rows, columns)
+            boxes, conf = predictor.boxes(prob, rows, columns, None if opacity is None else float(opacity[i]))
             if save_images:
                 truth = gt.get(pid, ()) if gt is not None else ()
                 atomic_save_image(out / "images" / f"{pid}.png", annotate(item.full, boxes, conf, truth),
@@ -199,7 +220,7 @@ def _assemble(files, part_path, out: Path, predictor: Predictor, gt, n_new: int,
         text = format_prediction_string([[b["x"], b["y"], b["width"], b["height"]] for b in boxes],
                                         [b["confidence"] for b in boxes])
         submission.append(f"{record['patientId']},{text}")
-    atomic_write_json(out / "annotations.json", {"model": predictor.name, "threshold": predictor.threshold,
+    atomic_write_json(out / "annotations.json", {"model": predictor.name, "postprocess": predictor.settings.to_dict(),
                                                  "images": annotations})
     atomic_write_text(out / "submission.csv", "\n".join(submission) + "\n")
     atomic_write_text(out / "errors.csv", "\n".join(errors) + "\n")

@@ -44,8 +44,8 @@ def create_app(model, threshold: float | None = None, min_box_area: float | None
         if item.error is not None:
             raise HTTPException(422, f"{filename or 'upload'}: {item.error}")
         with lock:
-            prob = predictor.probabilities(item.image[None])[0]
-        boxes, conf = predictor.boxes(prob, *item.shape)
+            probs, opacity = predictor.probabilities(item.image[None], [item.meta])
+        boxes, conf = predictor.boxes(probs[0], *item.shape, None if opacity is None else float(opacity[0]))
         patient_id = Path(filename).stem if filename else (item.meta["PatientID"] or "upload")
         result = {"patientId": patient_id, "boxes": box_records(boxes, conf), "image_size": list(item.shape),
                   "model": predictor.name}
@@ -63,7 +63,7 @@ def create_app(model, threshold: float | None = None, min_box_area: float | None
 
     @app.get("/model")
     def model_card():
-        return {"name": predictor.name, "threshold": predictor.threshold, "min_box_area": predictor.min_box_area,
+        return {"name": predictor.name, "threshold": predictor.threshold, "postprocess": predictor.settings.to_dict(),
                 "image_size": predictor.image_size, "params": predictor.config.to_dict(), "card": card}
 
     @app.post("/predict")

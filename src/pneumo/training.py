@@ -3,7 +3,6 @@ run call this function; nothing about training lives anywhere else."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 from pneumo.config import TrainConfig
 from pneumo.errors import ConfigError, DataError, RunError
-from pneumo.io import atomic_write_json, atomic_write_text
+from pneumo.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +41,21 @@ def load_prepared(config: TrainConfig, outputs=None):
                    outputs=outputs)
 
 
-def _check_run_dir(run_dir: Path, config: TrainConfig) -> Path | None:
+def _check_run_dir(run_dir: RunDir, config: TrainConfig) -> Path | None:
     """The last checkpoint to resume from, None for a fresh run; RunError if run_dir is taken."""
-    metrics = run_dir / "metrics.json"
-    if metrics.is_file() and json.loads(metrics.read_text()).get("status") == "finished":
-        raise RunError(f"{run_dir}: a finished run; choose a new run directory")
-    saved = run_dir / "config.yaml"
-    if saved.is_file():
-        import yaml
-
-        previous, current = yaml.safe_load(saved.read_text()) or {}, config.to_dict()
+    if run_dir.finished():
+        raise RunError(f"{run_dir.path}: a finished run; choose a new run directory")
+    previous, current = run_dir.read_config(), config.to_dict()
+    if previous:
         changed = sorted(k for k in set(previous) | set(current)
                          if previous.get(k) != current.get(k) and k not in EXECUTION_FIELDS)
         if changed:
-            raise RunError(f"{run_dir}: holds a run with other parameters ({', '.join(changed)}); "
-                           "resume it with its own config.yaml or choose a new run directory")
-    return _resumable_checkpoint(run_dir / "checkpoints")
+            raise RunError(f"{run_dir.path}: holds a run with other parameters ({', '.join(changed)}); "
+                           f"resume it with its own {run_dir.config_file.name} or choose a new run directory")
+    return _resumable_checkpoint(run_dir)
 
 
-def _resumable_checkpoint(folder: Path) -> Path | None:
+def _resumable_checkpoint(run_dir: RunDir) -> Path | None:
     """last.ckpt, or best.ckpt (an earlier epoch) if last.ckpt is unreadable.
 
     Lightning writes checkpoints in place: a run killed while saving leaves a truncated file.
@@ -68,8 +63,7 @@ def _resumable_checkpoint(folder: Path) -> Path | None:
     """
     import torch
 
-    for name in ("last.ckpt", "best.ckpt"):
-        path = folder / name
+    for path in (run_dir.last_checkpoint, run_dir.best_checkpoint):
         if not path.is_file():
             continue
         try:
@@ -96,19 +90,18 @@ def fit(config: TrainConfig, run_dir=None) -> dict:
     """Train one run into run_dir (resuming from its last checkpoint) and return its metrics."""
     import lightning as L
     import torch
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
 
-    from pneumo.lightning import OpacityModule, RsnaDataModule
-    from pneumo.progress import progress_enabled
+    from pneumo.callbacks import RunRecorder, ThreadShare, ValidationImages
+    from pneumo.datamodule import RsnaDataModule
+    from pneumo.module import OpacityModule
 
     if not isinstance(config, TrainConfig):
         raise ConfigError("fit() takes a TrainConfig")
-    run_dir = Path(run_dir) if run_dir else default_run_dir(config)
+    run_dir = RunDir(run_dir or default_run_dir(config))
     resume_from = _check_run_dir(run_dir, config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", config.to_yaml())
-    atomic_write_json(run_dir / "status.json", {"state": "starting", "epoch": 0, "epochs": config.epochs})
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    run_dir.write_config(config)
+    run_dir.write_status("starting", epoch=0, epochs=config.epochs)
     start = time.perf_counter()
 
     _quiet_lightning()
@@ -117,42 +110,59 @@ def fit(config: TrainConfig, run_dir=None) -> dict:
     L.seed_everything(config.seed, workers=True, verbose=False)
     prepared = load_prepared(config)
     datamodule = RsnaDataModule(prepared, config)
-    module = OpacityModule(config.to_dict(), prepared.manifest["fingerprint"], str(run_dir))
+    module = OpacityModule(config.to_dict(), prepared.manifest["fingerprint"])
+    recorder = RunRecorder(run_dir, config.epochs)
+    callbacks = [recorder, ThreadShare(run_dir), ValidationImages(config.n_val_images, run_dir, config.save_images)]
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard", default_hp_metric=False)
-    if resume_from is None:
-        # the same keys for every run, so HParams compares the runs of a sweep side by side
-        logger.log_hyperparams(_hparams(config), {"hp/val_map": 0.0})
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/map", mode="max",
-                                 save_last=True, auto_insert_metric_name=False, enable_version_counter=False)
-    trainer = L.Trainer(
-        max_epochs=config.epochs,
-        accelerator=accelerator,
-        devices=1,
-        precision=_precision(config, accelerator),
-        logger=logger,
-        callbacks=[checkpoint],
-        deterministic=accelerator == "cpu",
-        enable_progress_bar=progress_enabled(),
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=10,
-        max_time={"minutes": config.max_time} if config.max_time else None,
-        default_root_dir=str(run_dir),
-    )
+    trainer, checkpoint = _trainer(config, run_dir, callbacks, accelerator, fresh=resume_from is None)
     if resume_from is not None:
-        log.info("resuming %s from %s", run_dir, resume_from)
+        log.info("resuming %s from %s", run_dir.path, resume_from)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
     except BaseException as exc:  # Lightning turns Ctrl-C into SystemExit; both leave a resumable run
         state = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"
-        atomic_write_json(run_dir / "status.json", {"state": state, "epoch": trainer.current_epoch,
-                                                    "epochs": config.epochs, "error": f"{type(exc).__name__}: {exc}"})
+        run_dir.write_status(state, epoch=trainer.current_epoch, epochs=config.epochs,
+                             error=f"{type(exc).__name__}: {exc}")
         raise
-    logger.finalize("success")
+    trainer.logger.finalize("success")
 
-    best = _load_state(Path(checkpoint.best_model_path or run_dir / "checkpoints" / "best.ckpt"))
-    history = module.history
+    best = _load_state(Path(checkpoint.best_model_path or run_dir.best_checkpoint))
+    metrics = _final_metrics(config, recorder.history, best, trainer.current_epoch, datamodule, prepared)
+    metrics.update(wall_time_s=round(time.perf_counter() - start, 1), accelerator=accelerator)
+    run_dir.write_metrics(metrics)
+    run_dir.write_status("done", epoch=metrics["epochs_done"], epochs=config.epochs,
+                         best_val_map=metrics["best_val_map"])
+    return {**metrics, "run_dir": str(run_dir.path)}
+
+
+def _trainer(config: TrainConfig, run_dir: RunDir, callbacks: list, accelerator: str, fresh: bool):
+    """The Lightning Trainer of a run (and its checkpoint callback): TensorBoard, best and last
+    checkpoints in the run directory, the accelerator and precision of this machine."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from pneumo.progress import progress_enabled
+
+    logger = TensorBoardLogger(save_dir=str(run_dir.path), name="", version="tensorboard", default_hp_metric=False)
+    if fresh:
+        # the same keys for every run, so HParams compares the runs of a sweep side by side
+        logger.log_hyperparams(_hparams(config), {"hp/val_map": 0.0})
+    checkpoint = ModelCheckpoint(dirpath=run_dir.checkpoints, filename=run_dir.best_checkpoint.stem,
+                                 monitor="val/map", mode="max", save_last=True, auto_insert_metric_name=False,
+                                 enable_version_counter=False)
+    trainer = L.Trainer(
+        max_epochs=config.epochs, accelerator=accelerator, devices=1, precision=_precision(config, accelerator),
+        logger=logger, callbacks=[*callbacks, checkpoint], deterministic=accelerator == "cpu",
+        enable_progress_bar=progress_enabled(), enable_model_summary=False, num_sanity_val_steps=0,
+        log_every_n_steps=10, max_time={"minutes": config.max_time} if config.max_time else None,
+        default_root_dir=str(run_dir.path),
+    )
+    return trainer, checkpoint
+
+
+def _final_metrics(config: TrainConfig, history: list[dict], best: dict, epochs_done: int, datamodule,
+                   prepared) -> dict:
     best_epoch = max(history, key=lambda h: h["val_map"]) if history else {}
     speeds = [h["train_images_per_s"] for h in history if h.get("train_images_per_s")]
     metrics = {
@@ -160,22 +170,17 @@ def fit(config: TrainConfig, run_dir=None) -> dict:
         "best_val_map": best.get("best_val_map", best_epoch.get("val_map")),
         "best_epoch": best_epoch.get("epoch"),
         "threshold": best.get("threshold", config.threshold),
+        "postprocess": best.get("postprocess"),
         "per_threshold": best_epoch.get("per_threshold", {}),
-        "epochs_done": trainer.current_epoch,
-        "wall_time_s": round(time.perf_counter() - start, 1),
+        "epochs_done": epochs_done,
         "train_images_per_s": round(sum(speeds) / len(speeds), 1) if speeds else None,
         "n_train": int(len(datamodule.train_rows)),
         "n_val": int(len(datamodule.val_rows)),
         "data_fingerprint": prepared.manifest["fingerprint"],
-        "accelerator": accelerator,
         "history": history,
     }
-    if metrics["epochs_done"] < config.epochs:
+    if epochs_done < config.epochs:
         metrics["stopped_early"] = "max_time reached"
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    atomic_write_json(run_dir / "status.json", {"state": "done", "epoch": metrics["epochs_done"],
-                                                "epochs": config.epochs, "best_val_map": metrics["best_val_map"]})
-    metrics["run_dir"] = str(run_dir)
     return metrics
 
 

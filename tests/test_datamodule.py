@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from pneumo.config import TrainConfig
-from pneumo.lightning import RsnaDataModule, augment, build_optimizer
+from pneumo.data import CLASSES
+from pneumo.datamodule import RsnaDataModule, augment
 from pneumo.prepare import prepare
 
 
@@ -14,7 +15,8 @@ def prepared(synth_dir, tmp_path_factory):
 
 def test_batches_come_from_the_cache_with_masks_from_boxes(prepared):
     dm = RsnaDataModule(prepared, TrainConfig(image_size=64, batch_size=8, depth=3))
-    images, masks, rows = next(iter(dm.val_dataloader()))
+    batch = next(iter(dm.val_dataloader()))
+    images, masks, rows = batch["images"], batch["masks"], batch["rows"]
     assert images.dtype == torch.uint8 and images.shape[1:] == (1, 64, 64)
     assert masks.shape == images.shape
     cache = prepared.images()
@@ -23,6 +25,11 @@ def test_batches_come_from_the_cache_with_masks_from_boxes(prepared):
         has_boxes = len(dm.gt_boxes[row]) > 0
         assert bool(masks[i].any()) == has_boxes
     assert set(dm.train_rows).isdisjoint(dm.val_rows)
+    # the classifier's targets and metadata come from features.csv, row for row
+    features = prepared.features.set_index("index")
+    for i, row in enumerate(rows.tolist()):
+        assert CLASSES[int(batch["classes"][i])] == features.loc[row, "class"]
+        assert float(batch["metadata"][i, 0]) == (1.0 if features.loc[row, "ViewPosition"] == "AP" else 0.0)
 
 
 def test_epochs_shuffle_differently_but_reproducibly(prepared):
@@ -31,7 +38,7 @@ def test_epochs_shuffle_differently_but_reproducibly(prepared):
 
     def order(epoch):
         loader.sampler.set_epoch(epoch)
-        return [r for _, _, rows in loader for r in rows.tolist()]
+        return [r for batch in loader for r in batch["rows"].tolist()]
 
     assert order(0) == order(0) and order(0) != order(1)
     assert sorted(order(1)) == sorted(dm.train_rows.tolist())
@@ -54,17 +61,10 @@ def test_augment_moves_images_and_masks_together():
     assert not torch.equal(out_masks, masks)
 
 
-@pytest.mark.parametrize("name", ["adam", "adamw", "adamax", "sgd", "adagrad", "rmsprop"])
-def test_every_optimizer_builds(name):
-    params = [torch.nn.Parameter(torch.zeros(2))]
-    opt = build_optimizer(name, params, 0.01, 1e-4, 0.9)
-    assert opt.param_groups[0]["lr"] == 0.01
-
-
 def test_fast_affine_grid_equals_torch_affine_grid():
     import torch.nn.functional as F
 
-    from pneumo.lightning import _affine_grid
+    from pneumo.datamodule import _affine_grid
 
     theta = torch.eye(2, 3).repeat(4, 1, 1) + 0.1 * torch.rand(4, 2, 3, generator=torch.Generator().manual_seed(0))
     for h, w in ((64, 64), (48, 80)):

@@ -1,0 +1,131 @@
+"""What a training run does besides learning, as Lightning callbacks: the epoch record and
+status file, the CPU thread share a sweep hands over, annotated validation images."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import numpy as np
+import torch
+
+from pneumo.boxes import scale
+from pneumo.io import atomic_save_image
+from pneumo.postprocess import apply
+from pneumo.rundir import RunDir
+
+
+class RunRecorder(L.Callback):
+    """One record per epoch (metrics.json's history) and the live status.json of the run.
+
+    Validation runs inside the training epoch, before Lightning's epoch aggregate of
+    train/loss exists, so the epoch's mean loss and speed are measured here.
+    """
+
+    def __init__(self, run_dir: RunDir | None, epochs: int):
+        self.run_dir, self.epochs = run_dir, epochs
+        self.history: list[dict] = []
+        self._samples, self._loss_sum, self._start, self._train_time = 0, 0.0, 0.0, 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._samples, self._loss_sum, self._start, self._train_time = 0, 0.0, time.perf_counter(), 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        n = len(batch["images"])
+        self._samples += n
+        self._loss_sum += float(outputs["loss"]) * n
+        self._train_time = time.perf_counter() - self._start
+
+    def on_validation_end(self, trainer, pl_module):
+        v = pl_module.validation
+        if trainer.sanity_checking or v is None:
+            return
+        record = {"epoch": trainer.current_epoch + 1, "val_map": round(v.score.map, 5), "val_loss": round(v.loss, 5),
+                  "threshold": v.settings.threshold, "postprocess": v.settings.to_dict(),
+                  "per_threshold": v.score.per_threshold,
+                  "train_loss": round(self._loss_sum / self._samples, 5) if self._samples else None,
+                  "train_images_per_s": round(self._samples / self._train_time, 1) if self._train_time else None}
+        auc = trainer.callback_metrics.get("val/opacity_auc")
+        if auc is not None:
+            record["opacity_auc"] = round(float(auc), 4)
+        self.history.append(record)
+        if self.run_dir is not None:
+            self.run_dir.write_status("running", epoch=record["epoch"], epochs=self.epochs,
+                                      val_map=round(v.score.map, 4), best_val_map=round(pl_module.best_map, 4))
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))
+
+
+class ThreadShare(L.Callback):
+    """A CPU sweep hands a run more threads when other runs finish (RunDir.give_threads)."""
+
+    def __init__(self, run_dir: RunDir):
+        self.run_dir = run_dir
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if pl_module.device.type != "cpu":
+            return
+        threads = self.run_dir.thread_share()
+        if threads and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+
+
+class ValidationImages(L.Callback):
+    """Annotated validation images (predictions and truth) whenever val/map improves: a grid in
+    TensorBoard, and PNGs in the run directory when save is set."""
+
+    def __init__(self, n: int, run_dir: RunDir | None, save: bool):
+        self.n, self.run_dir, self.save = n, run_dir, save
+
+    def on_validation_end(self, trainer, pl_module):
+        v = pl_module.validation
+        if not self.n or trainer.sanity_checking or v is None or not (v.improved or not trainer.training):
+            return
+        dm = trainer.datamodule
+        tiles = []
+        for position in display_rows(v.rows, dm.gt_boxes, self.n):
+            row = int(v.rows[position])
+            opacity = None if v.opacity is None else float(v.opacity[position])
+            tile = self._tile(dm, row, v.probabilities[position].astype(np.float32), v.settings, opacity)
+            tiles.append(np.asarray(tile.convert("RGB")))
+            if self.save and self.run_dir is not None:
+                atomic_save_image(self.run_dir.images_dir / f"{dm.features.loc[row, 'patientId']}.png", tile)
+        logger = trainer.logger
+        if tiles and logger is not None and hasattr(logger.experiment, "add_image"):
+            logger.experiment.add_image("val/predictions", tile_grid(tiles), trainer.current_epoch, dataformats="HWC")
+
+    @staticmethod
+    def _tile(dm, row: int, probability, settings, opacity):
+        from PIL import Image
+
+        from pneumo.render import annotate
+
+        feat = dm.features.loc[row]
+        frame = int(feat["rows"]), int(feat["columns"])
+        boxes, conf = apply(probability, settings, *frame, opacity=opacity)
+        image = np.asarray(dm.dataset.images[row])
+        # drawn in the cache frame, enlarged to at least 256 px so boxes and labels read well
+        side = max(256, image.shape[0])
+        big = np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BILINEAR))
+        sx, sy = side / frame[1], side / frame[0]
+        return annotate(big, scale(boxes, sx, sy), conf, scale(dm.gt_boxes[row], sx, sy))
+
+
+def display_rows(rows, gt_boxes: dict, n: int) -> np.ndarray:
+    """Positions of up to n validation rows to draw: positives first, then negatives, fixed."""
+    positive = [i for i, r in enumerate(rows) if len(gt_boxes[int(r)])]
+    negative = [i for i, r in enumerate(rows) if not len(gt_boxes[int(r)])]
+    k = min(len(positive), max(n - n // 4, n - len(negative)))
+    return np.array(positive[:k] + negative[: n - k], dtype=int)
+
+
+def tile_grid(tiles: list[np.ndarray], columns: int = 4) -> np.ndarray:
+    """Equal-size RGB tiles in rows of `columns`, the last row padded with black."""
+    cols = min(columns, len(tiles))
+    pad = [np.zeros_like(tiles[0])] * (-len(tiles) % cols)
+    rows = [np.concatenate((tiles + pad)[i:i + cols], axis=1) for i in range(0, len(tiles), cols)]
+    return np.concatenate(rows, axis=0)

@@ -1,0 +1,195 @@
+"""From model outputs to the boxes a user gets, and the search that picks how.
+
+Pure functions of numpy arrays: the same `apply` runs in validation, `pneumo predict` and
+`pneumo serve`, with the settings that `search` chose on the validation split and training
+stored in the checkpoint. The search scores every candidate with the official metric, because
+the RSNA score punishes a misplaced threshold or gate hard (one box on an image without
+opacity scores that image 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from pneumo.boxes import as_boxes, boxes_in_image, from_corners, to_corners
+from pneumo.metrics import THRESHOLDS, Score, mean_average_precision
+
+THRESHOLD_GRID = tuple(np.round(np.arange(0.2, 0.96, 0.05), 2))
+GATE_GRID = (0.0, *np.round(np.arange(0.1, 0.91, 0.05), 2))
+# Searched around the best threshold. Shrinking follows the leaderboard's finding that many
+# labels are the intersection of several readers' boxes; merging, that true boxes never overlap.
+SHAPE_GRID = {"min_box_area": (0.0, 1000.0, 3000.0, 6000.0), "max_boxes": (0, 1, 2, 3),
+              "box_scale": (1.0, 0.875, 0.75), "merge": (False, True)}
+
+
+@dataclass(frozen=True)
+class PostProcess:
+    """How one probability map (and the image's opacity probability) becomes boxes."""
+
+    threshold: float = 0.5  # pixel probability above which a pixel belongs to a box
+    min_box_area: float = 1000.0  # boxes smaller than this (original image pixels) are dropped
+    max_boxes: int = 0  # keep the most confident boxes only; 0: all
+    box_scale: float = 1.0  # width and height multiplied by this about the box centre
+    merge: bool = False  # overlapping boxes become their enclosing box
+    gate: float = 0.0  # no boxes on an image whose opacity probability is below this; 0: off
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PostProcess:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def merge_overlapping(boxes: np.ndarray, confidences: np.ndarray):
+    """Replace every group of overlapping boxes by its enclosing box, with the group's best confidence."""
+    corners = to_corners(boxes)
+    conf = np.asarray(confidences, dtype=np.float64).copy()
+    merged = True
+    while merged and len(corners) > 1:
+        merged = False
+        for i in range(len(corners)):
+            lo, hi = np.maximum(corners[i, :2], corners[:, :2]), np.minimum(corners[i, 2:], corners[:, 2:])
+            overlap = np.all(hi > lo, axis=1)
+            overlap[i] = False
+            if overlap.any():
+                group = np.flatnonzero(overlap)
+                corners[i] = np.concatenate([corners[[i, *group], :2].min(0), corners[[i, *group], 2:].max(0)])
+                conf[i] = conf[[i, *group]].max()
+                keep = np.setdiff1d(np.arange(len(corners)), group)
+                corners, conf = corners[keep], conf[keep]
+                merged = True
+                break
+    return from_corners(corners), conf
+
+
+def shape_boxes(boxes: np.ndarray, confidences: np.ndarray, settings: PostProcess):
+    """Everything but the threshold and gate: min area, merging, the most confident few, scale."""
+    boxes, conf = as_boxes(boxes), np.asarray(confidences, dtype=np.float64)
+    keep = boxes[:, 2] * boxes[:, 3] >= settings.min_box_area
+    boxes, conf = boxes[keep], conf[keep]
+    if settings.merge and len(boxes) > 1:
+        boxes, conf = merge_overlapping(boxes, conf)
+    order = np.argsort(-conf, kind="stable")
+    if settings.max_boxes:
+        order = order[: settings.max_boxes]
+    boxes, conf = boxes[order], conf[order]
+    if settings.box_scale != 1.0:
+        centre = boxes[:, :2] + boxes[:, 2:] / 2
+        size = boxes[:, 2:] * settings.box_scale
+        boxes = np.concatenate([centre - size / 2, size], axis=1)
+    return boxes, conf
+
+
+def apply(probability: np.ndarray, settings: PostProcess, rows: int, columns: int, opacity: float | None = None):
+    """Boxes (N, 4) in the image's own frame and their confidences for one model-resolution map.
+
+    opacity is the image-level probability of an opacity (None without a classifier); it gates
+    the image and scales the box confidences.
+    """
+    if opacity is not None and opacity < settings.gate:
+        return np.zeros((0, 4)), np.zeros(0)
+    boxes, conf = boxes_in_image(probability, settings.threshold, 0.0, rows, columns)
+    boxes, conf = shape_boxes(boxes, conf, settings)
+    return boxes, conf * (opacity if opacity is not None else 1.0)
+
+
+@dataclass
+class SearchResult:
+    settings: PostProcess
+    score: Score
+    tried: int  # candidate settings scored
+
+
+def _plateau_best(values: np.ndarray) -> int:
+    """The index of the best value smoothed over its neighbours: the middle of a plateau holds on
+    new data, an isolated peak is noise of a small validation set."""
+    smooth = np.convolve(np.pad(values, 1, mode="edge"), [0.25, 0.5, 0.25], mode="valid")
+    return int(np.argmax(smooth))
+
+
+def _gated_maps(per_image: dict, has_gt: dict, has_boxes: dict, opacity: dict, gates) -> np.ndarray:
+    """The dataset score at each gate from one ungated scoring: a gated positive image scores 0,
+    a gated negative image is skipped (it has neither truth nor boxes)."""
+    ids = list(has_gt)
+    positive = np.array([has_gt[i] for i in ids])
+    boxed = np.array([has_boxes[i] for i in ids])
+    score = np.array([per_image.get(i, 0.0) for i in ids])
+    prob = np.array([opacity[i] for i in ids])
+    maps = []
+    for gate in gates:
+        open_ = prob >= gate
+        n = positive.sum() + (~positive & boxed & open_).sum()
+        maps.append(float((score * (positive & open_)).sum() / n) if n else 0.0)
+    return np.array(maps)
+
+
+def search(probabilities, frames, ground_truth, opacity=None, start: PostProcess = PostProcess(),
+           full: bool = True) -> SearchResult:
+    """The post-processing that scores best on these validation outputs.
+
+    probabilities: {key: model-resolution map}; frames: {key: (rows, columns)}; ground_truth:
+    {key: boxes in the image frame}; opacity: {key: P(opacity)} or None. full=False searches
+    the threshold alone (start's other settings); full=True then searches the shape settings
+    around the best thresholds and, given opacities, the gate.
+    """
+    keys = list(ground_truth)
+    candidates = {t: {k: boxes_in_image(probabilities[k], t, 0.0, *frames[k]) for k in keys} for t in THRESHOLD_GRID}
+    tried = 0
+
+    def score(settings: PostProcess) -> tuple[Score, dict]:
+        nonlocal tried
+        tried += 1
+        preds = {k: shape_boxes(*candidates[settings.threshold][k], settings) for k in keys}
+        return mean_average_precision(ground_truth, preds, THRESHOLDS), preds
+
+    base = dataclasses.replace(start, gate=0.0)
+    by_threshold = [score(dataclasses.replace(base, threshold=float(t)))[0].map for t in THRESHOLD_GRID]
+    best_t = _plateau_best(np.array(by_threshold))
+    best = dataclasses.replace(base, threshold=float(THRESHOLD_GRID[best_t]))
+    if full:
+        best = _search_shape_and_gate(best, best_t, score, ground_truth, opacity)
+    final_score, _ = score(best)
+    if best.gate:
+        final_score = _gated_score(best, candidates, ground_truth, opacity)
+    return SearchResult(best, final_score, tried)
+
+
+def _search_shape_and_gate(best: PostProcess, best_t: int, score, ground_truth, opacity) -> PostProcess:
+    has_gt = {k: len(as_boxes(g)) > 0 for k, g in ground_truth.items()}
+    gates = GATE_GRID if opacity is not None else (0.0,)
+    best_value = -1.0
+    neighbours = THRESHOLD_GRID[max(0, best_t - 1): best_t + 2]
+    for t in neighbours:
+        for values in _product(SHAPE_GRID):
+            settings = dataclasses.replace(best, threshold=float(t), **values)
+            result, preds = score(settings)
+            if opacity is None:
+                maps = np.array([result.map])
+            else:
+                has_boxes = {k: len(preds[k][0]) > 0 for k in ground_truth}
+                maps = _gated_maps(result.per_image, has_gt, has_boxes, opacity, gates)
+            i = _plateau_best(maps) if len(maps) > 1 else 0
+            if maps[i] > best_value + 1e-9:
+                best_value, best = float(maps[i]), dataclasses.replace(settings, gate=float(gates[i]))
+    return best
+
+
+def _gated_score(settings: PostProcess, candidates, ground_truth, opacity) -> Score:
+    preds = {}
+    for k in ground_truth:
+        if opacity[k] >= settings.gate:
+            preds[k] = shape_boxes(*candidates[settings.threshold][k], settings)
+    return mean_average_precision(ground_truth, preds, THRESHOLDS)
+
+
+def _product(grid: dict):
+    import itertools
+
+    names = list(grid)
+    for values in itertools.product(*(grid[n] for n in names)):
+        yield dict(zip(names, values))
