@@ -25,6 +25,7 @@ def finished_run(synth_dir, tmp_path_factory):
     return config, fit(config, run_dir), run_dir
 
 
+@pytest.mark.slow  # trains a real model
 def test_run_directory_layout(finished_run):
     config, metrics, run_dir = finished_run
     assert yaml.safe_load((run_dir / "config.yaml").read_text()) == config.to_dict()
@@ -36,6 +37,7 @@ def test_run_directory_layout(finished_run):
     assert len(list((run_dir / "val_images").glob("*.png"))) == 4
 
 
+@pytest.mark.slow  # trains a real model
 def test_checkpoint_alone_rebuilds_the_predictor(finished_run):
     config, metrics, run_dir = finished_run
     ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
@@ -44,6 +46,7 @@ def test_checkpoint_alone_rebuilds_the_predictor(finished_run):
     assert ckpt["pneumo"]["image_size"] == 64 and ckpt["pneumo"]["data_fingerprint"] == metrics["data_fingerprint"]
 
 
+@pytest.mark.slow  # trains a real model
 def test_tensorboard_reader_sees_scalars_hparams_and_images(finished_run):
     _, _, run_dir = finished_run
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
@@ -62,6 +65,7 @@ def test_tensorboard_reader_sees_scalars_hparams_and_images(finished_run):
     assert [m.name.tag for m in experiment.experiment.metric_infos] == ["hp/val_map"]
 
 
+@pytest.mark.slow  # trains a real model
 def test_finished_run_is_never_overwritten(finished_run):
     config, _, run_dir = finished_run
     with pytest.raises(RunError, match="finished run"):
@@ -81,6 +85,7 @@ def _train_cmd(synth_dir, run_dir, epochs):
             *[a for p in params for a in ("-p", p)]]
 
 
+@pytest.mark.slow  # trains a real model
 def test_killed_run_resumes_to_the_same_result(synth_dir, tmp_path):
     env = {"PNEUMO_NO_PROGRESS": "1", "PNEUMO_OUTPUTS": str(tmp_path / "outputs"), "PATH": "/usr/bin:/bin"}
     reference = subprocess.run(_train_cmd(synth_dir, tmp_path / "ref", 4), capture_output=True, text=True, env=env)
@@ -114,6 +119,7 @@ def test_cli_rejects_bad_parameter_in_one_line(synth_dir, tmp_path):
     assert out.returncode == 1 and out.stderr.strip() == "pneumo: error: lr must be > 0"
 
 
+@pytest.mark.slow  # trains a real model
 def test_diverging_run_raises_a_clear_error(synth_dir, tmp_path):
     from pneumo.errors import TrainingDiverged
 
@@ -129,6 +135,7 @@ def test_diverging_run_raises_a_clear_error(synth_dir, tmp_path):
     assert last.startswith("pneumo: error: training diverged") and "lower lr" in last
 
 
+@pytest.mark.slow  # trains a real model
 def test_truncated_last_checkpoint_falls_back_to_best(finished_run, tmp_path):
     import shutil
 
