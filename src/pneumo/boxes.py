@@ -104,13 +104,6 @@ def boxes_in_image(probability: np.ndarray, threshold: float, min_box_area: floa
     return scale(boxes, sx, sy), confidences
 
 
-def boxes_from_probability(probability_map: np.ndarray, threshold: float, min_area: float, sx: float, sy: float):
-    """Boxes in the original frame (model frame scaled by sx, sy) and confidences from one
-    model-resolution probability map; min_area is in model pixels. Prefer boxes_in_image."""
-    boxes, confidences = parse_boxes(probability_map, threshold, min_area)
-    return scale(boxes, sx, sy), confidences
-
-
 def box_records(boxes, confidences) -> list[dict]:
     """Boxes and confidences as JSON records {x, y, width, height, confidence} (the API and
     annotations.json format); confidences rounded to 4 places."""
