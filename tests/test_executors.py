@@ -1,4 +1,4 @@
-"""Sweeps on a real Dask cluster (separate worker processes) and dask-jobqueue job scripts."""
+"""Where runs execute: this machine's slots (freed cores) and a real Dask cluster (separate worker processes)."""
 
 import json
 import os
@@ -11,35 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pneumo.executors import jobqueue_cluster
+from pneumo.executors import LocalExecutor
+from pneumo.rundir import RunDir
+from pneumo.slots import Slot, slots
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = str(ROOT / "notebooks" / "02-train.ipynb")
 TINY = {"image_size": 64, "depth": 3, "width": 4, "batch_size": 8, "n_val_images": 2}
-LOOPBACK = {"scheduler_options": {"host": "127.0.0.1"}}  # tests never listen beyond this machine
-
-
-def _cluster_file(tmp_path, kind):
-    settings = yaml.safe_load((ROOT / "params" / "cluster" / f"{kind}.yaml").read_text())
-    path = tmp_path / f"{kind}.yaml"
-    path.write_text(yaml.safe_dump({**settings, **LOOPBACK}))
-    return path
-
-
-@pytest.mark.parametrize("kind,expected", [
-    ("slurm", ["#SBATCH --gres=gpu:1", "#SBATCH -t 04:00:00", "source ~/miniforge3/bin/activate pneumo"]),
-    ("htcondor", ["request_gpus = 1", "+MaxRuntime = 14400", "source ~/miniforge3/bin/activate pneumo"]),
-    ("pbs", ["ngpus=1", "walltime=04:00:00", "source ~/miniforge3/bin/activate pneumo"]),
-])
-def test_job_scripts_request_gpu_walltime_and_environment(tmp_path, kind, expected):
-    cluster, jobs = jobqueue_cluster(kind, _cluster_file(tmp_path, kind))
-    try:
-        script = cluster.job_script()
-    finally:
-        cluster.close()
-    assert jobs == 4
-    for line in expected + ["--resources GPU=1"]:  # one worker per job, advertising its GPU
-        assert line in script, (line, script)
 
 
 def _sweep_file(tmp_path, synth_dir, runs, epochs=2):
@@ -138,20 +116,27 @@ def test_killed_worker_leads_to_a_retry_not_a_lost_run(synth_dir, tmp_path):
         cluster.close()
 
 
-def test_freed_cores_go_to_the_runs_still_going(tmp_path, monkeypatch):
-    from pneumo.executors import LocalExecutor
-    from pneumo.sweep import slot_environments
-
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    executor = LocalExecutor(slot_environments([], max_parallel=4, cores=8))
+def test_freed_cores_go_to_the_runs_still_going(tmp_path):
+    executor = LocalExecutor(slots([], max_parallel=4, cores=8))  # the executor's cores, not the machine's
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
     executor._share_freed_cores({"a", "b"}, tmp_path)
-    assert (tmp_path / "a" / "threads").read_text().strip() == "4" == (tmp_path / "b" / "threads").read_text().strip()
-    gpu = LocalExecutor(slot_environments(["0", "1"], cores=8))
+    assert RunDir(tmp_path / "a").thread_share() == 4 == RunDir(tmp_path / "b").thread_share()
+    executor._share_freed_cores({"a"}, tmp_path)
+    assert RunDir(tmp_path / "a").thread_share() == 8
+    gpu = LocalExecutor(slots(["0", "1"], cores=8))
     (tmp_path / "c").mkdir()
     gpu._share_freed_cores({"c"}, tmp_path)
-    assert not (tmp_path / "c" / "threads").exists()  # GPU runs keep their threads
+    assert RunDir(tmp_path / "c").thread_share() is None  # GPU runs keep their threads
+
+
+def test_local_executor_describes_its_slots_and_gives_the_marathon_all_its_cores():
+    cpu = LocalExecutor(slots([], max_parallel=3, cores=6))
+    assert cpu.describe() == "3 at a time on CPU, 2 threads each"
+    assert cpu.whole_machine().slots == [Slot(None, 6)]
+    gpu = LocalExecutor(slots(["2", "5"], cores=16))
+    assert gpu.describe() == "2 at a time on GPU 2,5"
+    assert gpu.whole_machine().slots == [Slot("2", 16)]
 
 
 @pytest.mark.slow
@@ -167,3 +152,25 @@ def test_prepare_decodes_on_a_dask_cluster_to_the_same_cache(synth_dir, tmp_path
         on_dask = prepare(synth_dir, out=tmp_path / "dask", image_size=32, client=client)
     assert on_dask.features.equals(local.features)
     assert np.array_equal(np.asarray(on_dask.images()), np.asarray(local.images()))
+
+
+def _lost_task():
+    raise RuntimeError("worker lost")
+
+
+def test_a_task_dask_gave_up_on_is_a_failed_run(tmp_path):
+    from types import SimpleNamespace
+
+    from distributed import Client, LocalCluster
+
+    from pneumo.executors import DaskExecutor
+    from pneumo.statusboard import StatusBoard
+
+    run = SimpleNamespace(name="01-adam", params={})
+    # in-process (inproc:// transport): nothing listens on the network
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        future = client.submit(_lost_task, pure=False)
+        results = DaskExecutor(client, owns_client=False)._collect({future: run}, tmp_path, StatusBoard([run], tmp_path))
+    assert results["01-adam"]["state"] == "failed" and "worker lost" in results["01-adam"]["error"]
+    assert RunDir(tmp_path / "01-adam").state() == "failed"  # --resume runs it again

@@ -1,4 +1,4 @@
-"""The papermill sweep: validation before any run, device slots, and a real parallel sweep."""
+"""The papermill sweep: validation before any run, the summary, and a real parallel sweep."""
 
 import json
 import shutil
@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from pneumo.errors import SweepError
-from pneumo.sweep import load_sweep, run_name, slot_environments
+from pneumo.rundir import RunDir
+from pneumo.sweep import load_sweep, run_name, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = str(ROOT / "notebooks" / "02-train.ipynb")
@@ -57,14 +58,21 @@ def test_shipped_params_files_validate():
         assert sweep.marathon.get("epochs", 0) > sweep.base["epochs"]
 
 
-def test_slots_one_gpu_each_or_cores_split():
-    slots = slot_environments(["0", "1", "3"], cores=16)
-    assert [s["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "1", "3"]
-    assert all(s["PNEUMO_THREADS"] == "5" for s in slots)
-    assert len(slot_environments(["0", "1"], max_parallel=1, cores=8)) == 1
-    cpu = slot_environments([], cores=8, max_parallel=4)
-    assert len(cpu) == 4 and all(s["CUDA_VISIBLE_DEVICES"] == "" and s["PNEUMO_THREADS"] == "2" for s in cpu)
-    assert len(slot_environments([], cores=2)) == 2
+def test_summary_ranks_runs_and_says_what_each_left(tmp_path):
+    path = _write(tmp_path, {"name": "s", "notebook": NOTEBOOK, "base": TINY,
+                             "runs": [{"optimizer": "adam"}, {"optimizer": "sgd"}, {"optimizer": "adamw"}]})
+    spec = load_sweep(path)
+    runs_root = tmp_path / "runs" / "s"
+    adam, sgd, _ = (RunDir(runs_root / r.name) for r in spec.runs)
+    adam.write_metrics({"status": "finished", "best_val_map": 0.2, "wall_time_s": 10.0})
+    adam.write_process(12.5, 0)
+    sgd.mark_failed("ValueError: lr too high")  # adamw never started
+    rows = summarize(spec, runs_root, tmp_path / "sweeps")
+    assert [(r["run"], r["status"]) for r in rows] == [("01-adam", "done"), ("02-sgd", "failed"), ("03-adamw", "pending")]
+    assert rows[0]["overhead_s"] == 2.5 and rows[1]["error"] == "ValueError: lr too high"
+    assert rows[0]["optimizer"] == "adam" and "epochs" not in rows[0]  # only the parameters that differ
+    table = (tmp_path / "sweeps" / "s" / "summary.md").read_text()
+    assert "| rank | run | status |" in table and "| 2 | 02-sgd | failed |" in table
 
 
 def _sweep(*args, cwd):

@@ -54,21 +54,15 @@ def cmd_validate(args) -> int:
 
 
 def cmd_prepare(args) -> int:
+    from pneumo.cluster import close, dask_client
     from pneumo.prepare import prepare
 
-    client = cluster = None
-    if args.cluster:
-        from pneumo.executors import dask_client
-
-        client, cluster = dask_client(args.cluster, cluster_file=args.cluster_file)
+    client, cluster = dask_client(args.cluster, cluster_file=args.cluster_file) if args.cluster else (None, None)
     try:
         prepared = prepare(args.dir, out=args.out, image_size=args.image_size, val_fraction=args.val_fraction,
                            seed=args.seed, workers=args.workers, force=args.force, client=client)
     finally:
-        if client is not None:
-            client.close()
-        if cluster is not None:
-            cluster.close()
+        close(client, cluster)
     m = prepared.manifest
     print(f"{m['n_images']} images ({m['n_skipped']} skipped, listed in skipped.csv) at "
           f"{m['image_size']} px in {prepared.root}")
@@ -103,6 +97,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from pneumo.rundir import RunDir
     from pneumo.sweep import sweep
 
     result = sweep(args.params, out=args.out, data_dir=args.data_dir, max_parallel=args.max_parallel,
@@ -111,8 +106,10 @@ def cmd_sweep(args) -> int:
     if result.get("model"):
         print(f"model: {result['model']} (marathon val mAP {result['marathon_val_map']:.4f})")
     if result["failed"]:
+        first = RunDir(Path(result["runs_dir"]) / result["failed"][0])
         print(f"pneumo: error: {len(result['failed'])} run(s) not finished: {', '.join(result['failed'])}; "
-              f"see their log.txt and notebook.ipynb, then run again with --resume", file=sys.stderr)
+              f"see their {first.log.name} and {first.notebook.name} (e.g. {first.log}), "
+              "then run again with --resume", file=sys.stderr)
         return 1
     return 0
 

@@ -8,7 +8,7 @@ import numpy as np
 
 
 def learning_curves(metrics: dict):
-    """Train/val loss and val mAP per epoch from a run's metrics (fit's return or metrics.json)."""
+    """Train/val loss and val mAP per epoch from a run's metrics (fit's return or RunDir(run).metrics())."""
     import matplotlib.pyplot as plt
 
     history = metrics.get("history", [])

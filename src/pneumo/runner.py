@@ -1,0 +1,103 @@
+"""One run's execution: the training notebook under papermill in its own process, writing into
+its run directory; what it leaves there (process record, failure) is the executors' result."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from pneumo.io import atomic_write_text
+from pneumo.rundir import RunDir
+from pneumo.slots import Slot
+
+_EXCEPTION_LINE = re.compile(r"^[A-Z][\w.]*(Error|Exception|Diverged|Interrupt|Exit)\w*: .+")
+
+
+def papermill_command(notebook: Path, run_dir: RunDir, start_timeout: int = 300) -> list[str]:
+    return [sys.executable, "-m", "papermill", str(notebook), str(run_dir.notebook),
+            "-f", str(run_dir.papermill_params), "-k", "python3", "--cwd", str(run_dir.path), "--no-progress-bar",
+            "--log-output", "--start-timeout", str(start_timeout)]
+
+
+def execute_run(notebook: Path, run, run_dir: RunDir, slot: Slot | None, stop: threading.Event) -> dict:
+    """One papermill execution of run (a sweep.Run: name, params); returns its record and never
+    raises for the run's own errors. slot None: the process keeps this one's devices and threads
+    (a Dask GPU worker started with its own CUDA_VISIBLE_DEVICES)."""
+    run_dir.start_execution()
+    params = dict(run.params)
+    if slot is not None and not params.get("threads"):
+        params["threads"] = slot.threads
+    params["run_dir"] = str(run_dir.path)
+    import yaml
+
+    atomic_write_text(run_dir.papermill_params, yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, **(slot.environment() if slot else {}), "PNEUMO_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
+    env["PNEUMO_OUTPUTS"] = str(run_dir.path.parents[2].resolve())  # <out>/runs/<sweep>/<run>: caches in <out>/data
+    start = time.perf_counter()
+    with open(run_dir.log, "ab") as logfile:
+        logfile.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} papermill {run.name} "
+                      f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')!r})\n".encode())
+        logfile.flush()
+        # own session: Ctrl-C in the terminal reaches the sweep, which stops the runs itself
+        proc = subprocess.Popen(papermill_command(notebook, run_dir), stdout=logfile,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+        if _wait_or_stop(proc, stop):
+            return {"run": run.name, "state": "interrupted", "seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    run_dir.write_process(seconds, proc.returncode)
+    if proc.returncode == 0 and run_dir.finished():
+        return {"run": run.name, "state": "done", "seconds": seconds}
+    error = _last_error(run_dir.log)
+    run_dir.mark_failed(error, returncode=proc.returncode, notebook=str(run_dir.notebook))
+    return {"run": run.name, "state": "failed", "seconds": seconds, "error": error}
+
+
+def _wait_or_stop(proc: subprocess.Popen, stop: threading.Event) -> bool:
+    """Wait for proc; when stop is set first, end its process group (TERM, then KILL) and return True."""
+    while proc.poll() is None:
+        if stop.wait(0.5):
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            return True
+    return False
+
+
+def _load_libc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # not Linux: runs are still stopped by the sweep on Ctrl-C
+        return None
+
+
+_LIBC = _load_libc()  # loaded in the parent: the child between fork and exec must not import
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the thread that started it dies (a killed
+    sweep or Dask worker), so no orphaned run keeps writing into a directory being retried."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _last_error(log_path: Path) -> str:
+    """The most telling line of a failed run's log: the last 'SomeError: message' line (the
+    run's own exception, which papermill's traceback repeats at the end)."""
+    lines = log_path.read_text(errors="replace").splitlines() if log_path.is_file() else []
+    for line in reversed(lines):
+        text = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()  # tracebacks from the kernel are coloured
+        if _EXCEPTION_LINE.match(text) and not text.startswith("PapermillExecutionError"):
+            return text[-500:]
+    return lines[-1].strip()[-500:] if lines else "no output"
