@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 
 import nox
 
@@ -50,8 +49,9 @@ def sweep(session: nox.Session) -> None:
         if not os.path.isdir(f"{data}/stage_2_train_images"):
             session.run("pneumo", "synth", data, "--n-train", "400", "--n-test", "60")
     session.run("pneumo", "validate", data)
+    # the package's own rule for the sweep's name (the directory its outputs go under); stdout only
+    name = session.run("pneumo", "sweep", params, "--print-name", silent=True, stderr=None).strip()
     session.run("pneumo", "sweep", params, "--data-dir", data, "--resume", "--marathon", *args)
-    name = _sweep_name(params)
     predictions = f"outputs/predictions/{name}"
     predict = ["pneumo", "predict", f"outputs/models/{name}", f"{data}/stage_2_test_images", "--out", predictions]
     if os.path.isfile(f"{data}/stage_2_test_labels.csv"):
@@ -61,16 +61,6 @@ def sweep(session: nox.Session) -> None:
     session.log(f"tensorboard: nox -s tensorboard   (or: tensorboard --logdir outputs/runs/{name})")
     session.log(f"model:       outputs/models/{name}/ (latest vN: model.ckpt, model.json)")
     session.log(f"predictions: {predictions}/ (submission.csv, annotations.json, images/, errors.csv)")
-
-
-def _sweep_name(params: str) -> str:
-    # nox's own environment has no YAML parser: the top-level `name:` line is all we need
-    with open(params) as f:
-        for line in f:
-            match = re.match(r"name:\s*([\w.-]+)", line)
-            if match:
-                return match.group(1)
-    return os.path.splitext(os.path.basename(params))[0]
 
 
 @nox.session

@@ -58,6 +58,18 @@ def test_shipped_params_files_validate():
         assert sweep.marathon.get("epochs", 0) > sweep.base["epochs"]
 
 
+def test_print_name_is_the_sweeps_own_name(tmp_path, capsys):
+    from pneumo.cli import main
+
+    path = _write(tmp_path, {"notebook": NOTEBOOK, "runs": [{"optimizer": "adam"}]})
+    assert main(["sweep", str(path), "--print-name"]) == 0
+    assert capsys.readouterr().out == "sweep\n"  # the file's stem when it names none
+    path.write_text(yaml.safe_dump({"name": "opt-1.5", "notebook": NOTEBOOK, "runs": [{"optimizer": "adam"}]}))
+    assert main(["sweep", str(path), "--print-name"]) == 0
+    assert capsys.readouterr().out == "opt-1.5\n"
+    assert not (tmp_path / "outputs").exists()  # nothing ran
+
+
 def test_summary_ranks_runs_and_says_what_each_left(tmp_path):
     path = _write(tmp_path, {"name": "s", "notebook": NOTEBOOK, "base": TINY,
                              "runs": [{"optimizer": "adam"}, {"optimizer": "sgd"}, {"optimizer": "adamw"}]})

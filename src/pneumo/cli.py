@@ -98,8 +98,11 @@ def cmd_train(args) -> int:
 
 def cmd_sweep(args) -> int:
     from pneumo.rundir import RunDir
-    from pneumo.sweep import sweep
+    from pneumo.sweep import load_sweep, sweep
 
+    if args.print_name:  # for scripts (the noxfile): the directory name the sweep's outputs go under
+        print(load_sweep(args.params).name)
+        return 0
     result = sweep(args.params, out=args.out, data_dir=args.data_dir, max_parallel=args.max_parallel,
                    resume=args.resume, marathon=args.marathon, cluster=args.cluster, cluster_file=args.cluster_file)
     print(f"summary: {result['summary']}\ncompare runs: tensorboard --logdir {result['runs_dir']}")
@@ -186,12 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="papermill runs of notebooks/02-train.ipynb in parallel, one per parameter set")
     p.add_argument("params", type=Path, help="sweep file, e.g. params/optimizers.yaml")
-    p.add_argument("--out", type=Path, default=Path("outputs"))
+    p.add_argument("--out", type=Path, default=Path("outputs"),
+                   help="outputs root: runs/<sweep>/, sweeps/<sweep>/ (summary), models/<sweep>/, data/ (default: outputs)")
     p.add_argument("--data-dir", default=None, help="RSNA data directory (overrides the file's data_dir)")
     p.add_argument("--max-parallel", type=_positive_int, default=None,
                    help="runs at once (default: one per GPU, else one per CPU core)")
     p.add_argument("--resume", action="store_true", help="finish the runs that are not done")
     p.add_argument("--marathon", action="store_true", help="then train the best run longer into a model")
+    p.add_argument("--print-name", action="store_true", help="only check the sweep file and print its name")
     _add_cluster_options(p, "run")
     p.set_defaults(func=cmd_sweep)
 
