@@ -18,11 +18,10 @@ MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a 1024 x 1024 x 16-bit CR is 2 MB; 64 MB 
 def create_app(model, threshold: float | None = None, min_box_area: float | None = None):
     import threading
 
-    from fastapi import FastAPI, HTTPException, Request
+    from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
 
-    from pneumo.boxes import box_records
-    from pneumo.data import decode_file
     from pneumo.predict import load_predictor
     from pneumo.registry import resolve_model
 
@@ -30,32 +29,6 @@ def create_app(model, threshold: float | None = None, min_box_area: float | None
     _, card = resolve_model(model)
     lock = threading.Lock()  # one forward pass at a time: torch already uses every core
     app = FastAPI(title="pneumo", description="Pneumonia opacity boxes for chest X-ray DICOMs")
-
-    def predict_bytes(data: bytes, filename: str, annotated: bool) -> dict:
-        if not data:
-            raise HTTPException(400, "empty upload")
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise HTTPException(413, f"upload of {len(data)} bytes is over the {MAX_UPLOAD_BYTES} byte limit")
-        # pydicom reads from a path; a temporary file keeps one reading code path for CLI and service
-        with tempfile.NamedTemporaryFile(suffix=".dcm") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            item = decode_file(tmp.name, predictor.image_size, keep_full=annotated)
-        if item.error is not None:
-            raise HTTPException(422, f"{filename or 'upload'}: {item.error}")
-        with lock:
-            probs, opacity = predictor.probabilities(item.image[None], [item.meta])
-        boxes, conf = predictor.boxes(probs[0], *item.shape, None if opacity is None else float(opacity[0]))
-        patient_id = Path(filename).stem if filename else (item.meta["PatientID"] or "upload")
-        result = {"patientId": patient_id, "boxes": box_records(boxes, conf), "image_size": list(item.shape),
-                  "model": predictor.name}
-        if annotated:
-            from pneumo.render import annotate
-
-            buf = io.BytesIO()
-            annotate(item.full, boxes, conf).save(buf, format="PNG")
-            result["annotated_png_base64"] = base64.b64encode(buf.getvalue()).decode()
-        return result
 
     @app.get("/health")
     def health():
@@ -68,31 +41,68 @@ def create_app(model, threshold: float | None = None, min_box_area: float | None
 
     @app.post("/predict")
     async def predict(request: Request, annotated: bool = False):
-        content_type = request.headers.get("content-type", "")
-        length = int(request.headers.get("content-length") or 0)
-        if length > MAX_UPLOAD_BYTES + 1024 * 1024:
-            raise HTTPException(413, f"upload of {length} bytes is over the {MAX_UPLOAD_BYTES} byte limit")
-        if content_type.startswith("multipart/form-data"):
-            form = await request.form()
-            upload = form.get("file")
-            if upload is None or not hasattr(upload, "read"):
-                raise HTTPException(400, "multipart upload needs a file field named 'file'")
-            data, filename = await upload.read(), upload.filename or ""
-        elif content_type.startswith("application/json"):
-            try:
-                body = await request.json()
-                data = base64.b64decode(body["dicom_base64"], validate=True)
-            except (ValueError, KeyError, TypeError, binascii.Error):
-                raise HTTPException(400, "JSON body needs 'dicom_base64': the DICOM file in base64") from None
-            filename = str(body.get("filename", ""))
-        else:
-            raise HTTPException(415, "send multipart/form-data with a 'file' field, or JSON with 'dicom_base64'")
+        data, filename = await read_upload(request)
         # decoding and inference are blocking: run them off the event loop
-        from starlette.concurrency import run_in_threadpool
-
-        return JSONResponse(await run_in_threadpool(predict_bytes, data, filename, annotated))
+        return JSONResponse(await run_in_threadpool(predict_upload, predictor, lock, data, filename, annotated))
 
     return app
+
+
+async def read_upload(request) -> tuple[bytes, str]:
+    """The DICOM bytes and file name of a request: multipart field `file`, or JSON `dicom_base64`."""
+    from fastapi import HTTPException
+
+    content_type = request.headers.get("content-type", "")
+    length = int(request.headers.get("content-length") or 0)
+    if length > MAX_UPLOAD_BYTES + 1024 * 1024:
+        raise HTTPException(413, f"upload of {length} bytes is over the {MAX_UPLOAD_BYTES} byte limit")
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None or not hasattr(upload, "read"):
+            raise HTTPException(400, "multipart upload needs a file field named 'file'")
+        return await upload.read(), upload.filename or ""
+    if content_type.startswith("application/json"):
+        try:
+            body = await request.json()
+            data = base64.b64decode(body["dicom_base64"], validate=True)
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise HTTPException(400, "JSON body needs 'dicom_base64': the DICOM file in base64") from None
+        return data, str(body.get("filename", ""))
+    raise HTTPException(415, "send multipart/form-data with a 'file' field, or JSON with 'dicom_base64'")
+
+
+def predict_upload(predictor, lock, data: bytes, filename: str, annotated: bool) -> dict:
+    """One uploaded DICOM through the predictor: the response body (4xx for a bad upload)."""
+    from fastapi import HTTPException
+
+    from pneumo.boxes import box_records
+    from pneumo.data import decode_file
+
+    if not data:
+        raise HTTPException(400, "empty upload")
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise HTTPException(413, f"upload of {len(data)} bytes is over the {MAX_UPLOAD_BYTES} byte limit")
+    # pydicom reads from a path; a temporary file keeps one reading code path for CLI and service
+    with tempfile.NamedTemporaryFile(suffix=".dcm") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        item = decode_file(tmp.name, predictor.image_size, keep_full=annotated)
+    if item.error is not None:
+        raise HTTPException(422, f"{filename or 'upload'}: {item.error}")
+    with lock:
+        probs, opacity = predictor.probabilities(item.image[None], [item.meta])
+    boxes, conf = predictor.boxes(probs[0], *item.shape, None if opacity is None else float(opacity[0]))
+    patient_id = Path(filename).stem if filename else (item.meta["PatientID"] or "upload")
+    result = {"patientId": patient_id, "boxes": box_records(boxes, conf), "image_size": list(item.shape),
+              "model": predictor.name}
+    if annotated:
+        from pneumo.render import annotate
+
+        buf = io.BytesIO()
+        annotate(item.full, boxes, conf).save(buf, format="PNG")
+        result["annotated_png_base64"] = base64.b64encode(buf.getvalue()).decode()
+    return result
 
 
 def serve(model, host: str = "127.0.0.1", port: int = 8000, threshold=None, min_box_area=None) -> None:
