@@ -17,7 +17,7 @@ def _finished_run(path, weights: bytes = b"weights", val_map: float = 0.25) -> R
     run.best_checkpoint.write_bytes(weights)
     run.config_file.write_text("optimizer: adam\nepochs: 3\n")
     run.write_metrics({"status": "finished", "best_val_map": val_map, "best_epoch": 2, "threshold": 0.4,
-                       "data_fingerprint": "abc"})
+                       "postprocess": {"threshold": 0.4, "gate": 0.6, "max_boxes": 3}, "data_fingerprint": "abc"})
     return run
 
 
@@ -29,6 +29,7 @@ def test_export_writes_the_checkpoint_and_its_card(tmp_path):
     card = json.loads((model / "model.json").read_text())
     assert card["name"] == "opt" and card["version"] == "v1" and card["source_sweep"] == "optimizers"
     assert card["params"] == {"optimizer": "adam", "epochs": 3} and card["threshold"] == 0.4
+    assert card["postprocess"] == {"threshold": 0.4, "gate": 0.6, "max_boxes": 3}  # what predict will apply
     assert card["metrics"]["best_val_map"] == 0.25 and card["source_run"] == str(run.path.resolve())
     assert {"git_commit", "data_fingerprint", "created_at"} <= set(card)
     assert [p.name for p in model.parent.iterdir()] == ["v1"]  # no staging directory left behind

@@ -101,7 +101,7 @@ def _model_card(run_dir: RunDir, name: str, version: str, source_sweep: str) -> 
         "name": name, "version": version,
         "params": run_dir.read_config(),
         "metrics": {k: metrics.get(k) for k in CARD_METRICS},
-        "threshold": metrics.get("threshold"),
+        "threshold": metrics.get("threshold"), "postprocess": metrics.get("postprocess"),
         "git_commit": _git_commit(), "data_fingerprint": metrics.get("data_fingerprint"),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source_sweep": source_sweep,
         "source_run": str(run_dir.path.resolve()),
