@@ -79,6 +79,6 @@ def tensorboard(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Run the benchmarks; results go to outputs/bench/*.json."""
+    """Run the benchmarks (JSON in outputs/bench/); `-- real [--data-dir DIR]` is the real-data one, never run by default."""
     install(session)
     session.run("python", "benchmarks/run.py", *session.posargs, env={"PNEUMO_NO_PROGRESS": "1"})
