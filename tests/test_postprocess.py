@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from pneumo.metrics import mean_average_precision
-from pneumo.postprocess import PostProcess, apply, merge_overlapping, search, shape_boxes
+from pneumo.postprocess import (
+    THRESHOLD_GRID,
+    PostProcess,
+    apply,
+    merge_overlapping,
+    search,
+    shape_boxes,
+)
 
 
 def _blob_map(boxes_px, size=64, frame=1024, level=0.9, noise=0.05, seed=0):
@@ -78,7 +85,9 @@ def test_threshold_search_prefers_a_plateau_and_keeps_the_start_settings():
     start = PostProcess(min_box_area=123.0, box_scale=0.9)
     result = search(probs, frames, truth, None, start, full=False)
     assert dataclasses.replace(result.settings, threshold=start.threshold) == start
-    assert 0.2 <= result.settings.threshold <= 0.95 and result.tried <= 17  # the thresholds, then the pick
+    # every threshold scores alike between the noise and the blobs: the middle of that plateau
+    assert 0.3 <= result.settings.threshold <= 0.6
+    assert result.tried == len(THRESHOLD_GRID) + 1  # the thresholds, then the pick
 
 
 def test_settings_round_trip_as_plain_dicts():

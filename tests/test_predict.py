@@ -74,8 +74,8 @@ def test_threshold_override_and_tta(tiny_run, synth_dir, tmp_path):
     assert strict["n_with_boxes"] == 0
     predictor = load_predictor(tiny_run)
     batch = np.random.default_rng(0).integers(0, 255, (2, 64, 64), dtype=np.uint8)
-    probs, opacity = predictor.probabilities(batch, [{"ViewPosition": "AP"}, {}], tta=True)
-    assert probs.shape == (2, 64, 64) and opacity.shape == (2,) and ((opacity > 0) & (opacity < 1)).all()
+    probs, opacity = predictor.outputs(batch, [{"ViewPosition": "AP"}, {}], tta=True)
+    assert len(probs) == 2 and probs[0].shape == (64, 64) and opacity.shape == (2,) and ((opacity > 0) & (opacity < 1)).all()
 
 
 def test_model_paths(tiny_run, tmp_path):

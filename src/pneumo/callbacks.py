@@ -90,7 +90,7 @@ class ValidationImages(L.Callback):
         for position in display_rows(v.rows, dm.gt_boxes, self.n):
             row = int(v.rows[position])
             opacity = None if v.opacity is None else float(v.opacity[position])
-            tile = self._tile(dm, row, v.probabilities[position].astype(np.float32), v.settings, opacity)
+            tile = self._tile(dm, row, v.outputs[position], v.settings, opacity)
             tiles.append(np.asarray(tile.convert("RGB")))
             if self.save and self.run_dir is not None:
                 atomic_save_image(self.run_dir.images_dir / f"{dm.features.loc[row, 'patientId']}.png", tile)
@@ -99,14 +99,14 @@ class ValidationImages(L.Callback):
             logger.experiment.add_image("val/predictions", tile_grid(tiles), trainer.current_epoch, dataformats="HWC")
 
     @staticmethod
-    def _tile(dm, row: int, probability, settings, opacity):
+    def _tile(dm, row: int, output, settings, opacity):
         from PIL import Image
 
         from pneumo.render import annotate
 
         feat = dm.features.loc[row]
         frame = int(feat["rows"]), int(feat["columns"])
-        boxes, conf = apply(probability, settings, *frame, opacity=opacity)
+        boxes, conf = apply(output, settings, *frame, opacity=opacity)
         image = np.asarray(dm.dataset.images[row])
         # drawn in the cache frame, enlarged to at least 256 px so boxes and labels read well
         side = max(256, image.shape[0])

@@ -25,6 +25,9 @@ IMAGE_SIZE_RANGE = (32, 1024)  # model input side in pixels; `pneumo prepare` ch
 # search: threshold, shape settings and classifier gate searched on the validation split each
 # epoch (pneumo.postprocess); threshold: the threshold alone; fixed: the values given here.
 POSTPROCESS = ("search", "threshold", "fixed")
+# mask: boxes are connected components of the opacity map; centre: an anchor-free head (CenterNet
+# style) predicts box centres as heat-map peaks and their sizes, beside the same map.
+HEADS = ("mask", "centre")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class TrainConfig:
     depth: int = 4  # UNet levels (image_size must be divisible by 2**depth)
     loss: str = "bce_dice"
     augment: bool = True
+    head: str = "mask"  # mask | centre (see HEADS)
     classifier: bool = True  # image-level opacity head on the deepest features; gates the boxes
     metadata: bool = True  # the classifier also sees view position, sex and age
     class_weight: float = 1.0  # weight of the classifier's cross-entropy beside the mask loss
@@ -75,6 +79,8 @@ class TrainConfig:
             (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
             (0 < self.threshold < 1, "threshold must be in (0, 1)"),
             (self.class_weight >= 0, "class_weight must be >= 0"),
+            (self.head in HEADS, f"head must be one of {', '.join(HEADS)}"),
+            (self.head != "centre" or self.depth >= 3, "head centre needs depth >= 3 (it reads the decoder at 1/4 size)"),
             (self.postprocess in POSTPROCESS, f"postprocess must be one of {', '.join(POSTPROCESS)}"),
             (self.min_box_area >= 0, "min_box_area must be >= 0"),
             (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),

@@ -25,8 +25,11 @@ class CacheBatches(torch.utils.data.Dataset):
     """Dataset whose items are whole batches: a list of cache rows in, a Batch of tensors out."""
 
     def __init__(self, images: np.ndarray, boxes_by_row: dict[int, np.ndarray], classes: np.ndarray,
-                 metadata: np.ndarray):
+                 metadata: np.ndarray, box_channels: int = 0):
         self.images = images
+        # 0: masks is one channel, the union of the boxes; K: one channel per box (K at least the
+        # most boxes of any image), so augmentation moves each box and its centre can be found again
+        self.box_channels = box_channels
         self.boxes_by_row = boxes_by_row
         self.classes = classes  # cache row -> index into CLASSES
         self.metadata = metadata  # cache row -> metadata_vector
@@ -35,11 +38,19 @@ class CacheBatches(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.images)
 
+    def _masks(self, boxes: np.ndarray) -> np.ndarray:
+        if not self.box_channels:
+            return boxes_to_mask(boxes, self.size, self.size)[None]
+        masks = np.zeros((self.box_channels, self.size, self.size), dtype=np.float32)
+        for k, box in enumerate(boxes[: self.box_channels]):
+            masks[k] = boxes_to_mask(box[None], self.size, self.size)
+        return masks
+
     def __getitem__(self, rows) -> dict:
         rows = np.sort(np.asarray(rows))  # sorted rows read the memory map sequentially
         images = torch.from_numpy(np.ascontiguousarray(self.images[rows]))[:, None]
-        masks = np.stack([boxes_to_mask(self.boxes_by_row.get(int(r), ()), self.size, self.size) for r in rows])
-        return {"images": images, "masks": torch.from_numpy(masks.astype(np.uint8))[:, None],
+        masks = np.stack([self._masks(self.boxes_by_row.get(int(r), np.zeros((0, 4)))) for r in rows])
+        return {"images": images, "masks": torch.from_numpy(masks.astype(np.uint8)),
                 "rows": torch.from_numpy(rows), "classes": torch.from_numpy(self.classes[rows]),
                 "metadata": torch.from_numpy(self.metadata[rows])}
 
@@ -79,7 +90,8 @@ class RsnaDataModule(L.LightningDataModule):
             klass = klass if klass in CLASSES else CLASSES[0 if target else 2]
             classes[index] = CLASSES.index(klass)
             metadata[index] = metadata_vector(view, sex, age)
-        self.dataset = CacheBatches(prepared.images(), self.model_boxes, classes, metadata)
+        channels = max(1, max(len(b) for b in self.model_boxes.values())) if config.head == "centre" else 0
+        self.dataset = CacheBatches(prepared.images(), self.model_boxes, classes, metadata, channels)
 
     def _workers(self) -> int:
         if self.config.num_workers >= 0:

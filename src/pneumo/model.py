@@ -14,12 +14,15 @@ import torch
 from torch import nn
 
 N_CLASSES = 3  # the classes of stage_2_detailed_class_info.csv, in pneumo.data.CLASSES order
-N_METADATA = 3  # view position AP, sex male, age / 100: see pneumo.datamodule.metadata_vector
+N_METADATA = 3  # view position AP, sex male, age / 100: see metadata_vector
+CENTRE_STRIDE = 4  # the centre head reads the decoder at 1/4 of the input side, as CenterNet does
 
 
 class NetOutput(NamedTuple):
     mask: torch.Tensor  # (B, 1, H, W) logits of "this pixel is inside an opacity box"
     classes: torch.Tensor | None  # (B, N_CLASSES) logits, None without a classifier head
+    # (B, 5, H/s, W/s), s = CENTRE_STRIDE: heat logits, log width, log height, centre offset x, y in the cell
+    centre: torch.Tensor | None = None
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -36,7 +39,8 @@ class UNet(nn.Module):
     N_METADATA) when built with metadata=True. Output: NetOutput(mask logits, class logits).
     """
 
-    def __init__(self, width: int = 16, depth: int = 4, classifier: bool = False, metadata: bool = False):
+    def __init__(self, width: int = 16, depth: int = 4, classifier: bool = False, metadata: bool = False,
+                 centre: bool = False):
         super().__init__()
         channels = [width * 2**i for i in range(depth + 1)]
         self.inc = _block(1, channels[0])
@@ -45,6 +49,19 @@ class UNet(nn.Module):
                                 for i in reversed(range(depth)))
         self.dec = nn.ModuleList(_block(channels[i] * 2, channels[i]) for i in reversed(range(depth)))
         self.head = nn.Conv2d(channels[0], 1, 1)
+        self.centre = None
+        if centre:
+            # box centres as heat-map peaks, and each box's log width and height (fractions of the
+            # image side): an anchor-free head in the CenterNet / FCOS style on the same decoder
+            level = CENTRE_STRIDE.bit_length() - 1  # the UNet level at that stride
+            if depth <= level:
+                raise ValueError(f"the centre head needs depth > {level}")
+            self.centre_level = depth - 1 - level  # the decoder step that outputs that level
+            c = channels[level]
+            self.centre = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(c, 5, 1))
+            # start at heat 0.1 (CenterNet's prior) and boxes a quarter of the side, not at zero
+            with torch.no_grad():
+                self.centre[-1].bias.copy_(torch.tensor([-2.19, -1.4, -1.4, 0.5, 0.5]))
         self.pool = nn.MaxPool2d(2)
         self.metadata = metadata and classifier
         self.classifier = None
@@ -60,9 +77,12 @@ class UNet(nn.Module):
             skips.append(down(self.pool(skips[-1])))
         y = skips.pop()
         classes = self._classify(y, metadata) if self.classifier is not None else None
-        for up, dec in zip(self.up, self.dec):
+        centre = None
+        for level, (up, dec) in enumerate(zip(self.up, self.dec)):
             y = dec(torch.cat([up(y), skips.pop()], dim=1))
-        return NetOutput(self.head(y), classes)
+            if self.centre is not None and level == self.centre_level:
+                centre = self.centre(y)
+        return NetOutput(self.head(y), classes, centre)
 
     def _classify(self, deepest: torch.Tensor, metadata: torch.Tensor | None) -> torch.Tensor:
         pooled = [deepest.mean(dim=(2, 3)), deepest.amax(dim=(2, 3))]

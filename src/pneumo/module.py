@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pneumo.centres import centre_loss, image_outputs
 from pneumo.config import TrainConfig
 from pneumo.datamodule import augment
 from pneumo.errors import TrainingDiverged
@@ -61,8 +62,8 @@ def rank_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
 class ValidationResult:
     """One validation epoch's outputs, kept for the callbacks that draw and record them."""
 
-    rows: np.ndarray  # cache rows, in the order of probabilities
-    probabilities: np.ndarray  # (N, S, S) float16 opacity maps
+    rows: np.ndarray  # cache rows, in the order of outputs
+    outputs: list  # per image: an (S, S) float16 opacity map (mask head) or Candidates (centre head)
     opacity: np.ndarray | None  # (N,) P(opacity) from the classifier
     score: Score
     settings: PostProcess
@@ -79,7 +80,7 @@ class OpacityModule(L.LightningModule):
         self.save_hyperparameters(logger=False)
         self.config = TrainConfig.from_dict(config)
         c = self.config
-        self.net = UNet(c.width, c.depth, classifier=c.classifier, metadata=c.metadata)
+        self.net = UNet(c.width, c.depth, classifier=c.classifier, metadata=c.metadata, centre=c.head == "centre")
         self.postprocess = PostProcess(threshold=c.threshold, min_box_area=c.min_box_area)
         self.best_map = -1.0
         self.validation: ValidationResult | None = None
@@ -97,13 +98,16 @@ class OpacityModule(L.LightningModule):
         return batch
 
     def _loss(self, out: NetOutput, batch) -> torch.Tensor:
-        logits, masks = out.mask, batch["masks"]
+        # masks has one channel per box for the centre head: the map learns their union
+        logits, masks = out.mask, batch["masks"].amax(dim=1, keepdim=True)
         loss = F.binary_cross_entropy_with_logits(logits, masks)
         if self.config.loss != "bce":
             dice = soft_dice_loss(logits, masks)
             loss = dice if self.config.loss == "dice" else loss + dice
         if out.classes is not None and self.config.class_weight:
             loss = loss + self.config.class_weight * F.cross_entropy(out.classes.float(), batch["classes"])
+        if out.centre is not None:
+            loss = loss + centre_loss(out.centre, batch["masks"])
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -120,36 +124,34 @@ class OpacityModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         out = self(batch["images"], batch["metadata"])
         loss = self._loss(out, batch).item()
-        # float16: the whole validation split is held until epoch end (5,000+ maps on RSNA)
-        probabilities = torch.sigmoid(out.mask.float())[:, 0].cpu().numpy().astype(np.float16)
         opacity = opacity_probability(out.classes).cpu().numpy() if out.classes is not None else None
-        self._outputs.append((batch["rows"].cpu().numpy(), probabilities, opacity, loss, len(batch["rows"])))
+        self._outputs.append((batch["rows"].cpu().numpy(), image_outputs(out), opacity, loss, len(batch["rows"])))
 
     def on_validation_epoch_end(self):
         outputs, self._outputs = self._outputs, []
         if self.trainer.sanity_checking or not outputs:
             return
         rows = np.concatenate([o[0] for o in outputs])
-        probabilities = np.concatenate([o[1] for o in outputs])
+        image_outs = [item for o in outputs for item in o[1]]
         opacity = np.concatenate([o[2] for o in outputs]) if outputs[0][2] is not None else None
         loss = float(sum(o[3] * o[4] for o in outputs) / sum(o[4] for o in outputs))
-        result = self._search(rows, probabilities, opacity)
+        result = self._search(rows, image_outs, opacity)
         improved = result.score.map > self.best_map
         self.best_map = max(self.best_map, result.score.map)
         if improved:
             self.postprocess = result.settings
-        self.validation = ValidationResult(rows, probabilities, opacity, result.score, result.settings, loss, improved)
+        self.validation = ValidationResult(rows, image_outs, opacity, result.score, result.settings, loss, improved)
         self._log_validation(self.validation)
 
-    def _search(self, rows, probabilities, opacity):
+    def _search(self, rows, image_outs, opacity):
         dm = self.trainer.datamodule
         keys = [int(r) for r in rows]
         truth = {k: dm.gt_boxes[k] for k in keys}
         start = PostProcess(threshold=self.config.threshold, min_box_area=self.config.min_box_area)
         if self.config.postprocess == "fixed":
-            preds = {k: apply(p, start, *dm.frame[k]) for k, p in zip(keys, probabilities)}
+            preds = {k: apply(p, start, *dm.frame[k]) for k, p in zip(keys, image_outs)}
             return SearchResult(start, mean_average_precision(truth, preds), 1)
-        return search(dict(zip(keys, probabilities)), {k: dm.frame[k] for k in keys}, truth,
+        return search(dict(zip(keys, image_outs)), {k: dm.frame[k] for k in keys}, truth,
                       dict(zip(keys, opacity)) if opacity is not None else None, start,
                       full=self.config.postprocess == "search")
 

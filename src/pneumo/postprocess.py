@@ -1,5 +1,9 @@
 """From model outputs to the boxes a user gets, and the search that picks how.
 
+A model output for one image is either a probability map (the mask head: boxes are connected
+components above the threshold) or `Candidates` (the centre head: scored boxes decoded from
+heat-map peaks, kept above the threshold). Everything after that is the same for both.
+
 Pure functions of numpy arrays: the same `apply` runs in validation, `pneumo predict` and
 `pneumo serve`, with the settings that `search` chose on the validation split and training
 stored in the checkpoint. The search scores every candidate with the official metric, because
@@ -17,7 +21,7 @@ import numpy as np
 from pneumo.boxes import as_boxes, boxes_in_image, from_corners, to_corners
 from pneumo.metrics import THRESHOLDS, Score, mean_average_precision
 
-THRESHOLD_GRID = tuple(np.round(np.arange(0.2, 0.96, 0.05), 2))
+THRESHOLD_GRID = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))  # centre-head peaks run lower than mask pixels
 GATE_GRID = (0.0, *np.round(np.arange(0.1, 0.91, 0.05), 2))
 # Searched around the best threshold. Shrinking follows the leaderboard's finding that many
 # labels are the intersection of several readers' boxes; merging, that true boxes never overlap.
@@ -43,6 +47,50 @@ class PostProcess:
     def from_dict(cls, values: dict) -> PostProcess:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
+
+
+@dataclass
+class Candidates:
+    """Scored boxes at model resolution (side x side pixels), decoded from a centre head."""
+
+    boxes: np.ndarray  # (N, 4) x, y, w, h in model pixels
+    scores: np.ndarray  # (N,) peak heights
+    side: int
+
+    def above(self, threshold: float, rows: int, columns: int):
+        keep = self.scores > threshold
+        sx, sy = columns / self.side, rows / self.side
+        return as_boxes(self.boxes[keep]) * np.array([sx, sy, sx, sy]), self.scores[keep].astype(np.float64)
+
+
+def decode_centres(heat: np.ndarray, log_size: np.ndarray, side: int, offsets: np.ndarray | None = None,
+                   top_k: int = 10, min_score: float = 0.05, window: int = 3) -> Candidates:
+    """Candidates from one centre head output on its grid: heat (h, w) probabilities, log_size
+    (2, h, w) log of width and height as fractions of the side; side is the model input's side
+    (the grid is side / stride). A peak is a cell that is the maximum of its window (the usual
+    max-pool suppression); the most confident top_k peaks are kept. offsets (2, h, w): where in
+    its cell each centre lies (0..1); the cell's middle without them."""
+    from scipy import ndimage
+
+    heat = np.asarray(heat, dtype=np.float32)
+    stride = side / heat.shape[-1]
+    peaks = (heat == ndimage.maximum_filter(heat, size=window, mode="constant")) & (heat > min_score)
+    ys, xs = np.nonzero(peaks)
+    order = np.argsort(-heat[ys, xs], kind="stable")[:top_k]
+    ys, xs = ys[order], xs[order]
+    w = np.exp(np.asarray(log_size[0], np.float32)[ys, xs]) * side
+    h = np.exp(np.asarray(log_size[1], np.float32)[ys, xs]) * side
+    off_x, off_y = (np.asarray(offsets[0])[ys, xs], np.asarray(offsets[1])[ys, xs]) if offsets is not None else (0.5, 0.5)
+    cx, cy = (xs + off_x) * stride, (ys + off_y) * stride
+    boxes = np.stack([cx - w / 2, cy - h / 2, w, h], axis=1) if len(ys) else np.zeros((0, 4))
+    return Candidates(boxes.astype(np.float64), heat[ys, xs].astype(np.float64), side)
+
+
+def candidates(output, threshold: float, rows: int, columns: int):
+    """Boxes in the image's own frame and their confidences above threshold, for either head."""
+    if isinstance(output, Candidates):
+        return output.above(threshold, rows, columns)
+    return boxes_in_image(output, threshold, 0.0, rows, columns)
 
 
 def merge_overlapping(boxes: np.ndarray, confidences: np.ndarray):
@@ -85,16 +133,16 @@ def shape_boxes(boxes: np.ndarray, confidences: np.ndarray, settings: PostProces
     return boxes, conf
 
 
-def apply(probability: np.ndarray, settings: PostProcess, rows: int, columns: int, opacity: float | None = None):
-    """Boxes (N, 4) in the image's own frame and their confidences for one model-resolution map.
+def apply(output, settings: PostProcess, rows: int, columns: int, opacity: float | None = None):
+    """Boxes (N, 4) in the image's own frame and their confidences for one image's model output
+    (a model-resolution probability map, or Candidates).
 
     opacity is the image-level probability of an opacity (None without a classifier); it gates
     the image and scales the box confidences.
     """
     if opacity is not None and opacity < settings.gate:
         return np.zeros((0, 4)), np.zeros(0)
-    boxes, conf = boxes_in_image(probability, settings.threshold, 0.0, rows, columns)
-    boxes, conf = shape_boxes(boxes, conf, settings)
+    boxes, conf = shape_boxes(*candidates(output, settings.threshold, rows, columns), settings)
     return boxes, conf * (opacity if opacity is not None else 1.0)
 
 
@@ -109,7 +157,8 @@ def _plateau_best(values: np.ndarray) -> int:
     """The index of the best value smoothed over its neighbours: the middle of a plateau holds on
     new data, an isolated peak is noise of a small validation set."""
     smooth = np.convolve(np.pad(values, 1, mode="edge"), [0.25, 0.5, 0.25], mode="valid")
-    return int(np.argmax(smooth))
+    best = np.flatnonzero(smooth >= smooth.max() - 1e-12)
+    return int(best[len(best) // 2])  # the middle of equally good values
 
 
 def _gated_maps(per_image: dict, has_gt: dict, has_boxes: dict, opacity: dict, gates) -> np.ndarray:
@@ -128,34 +177,34 @@ def _gated_maps(per_image: dict, has_gt: dict, has_boxes: dict, opacity: dict, g
     return np.array(maps)
 
 
-def search(probabilities, frames, ground_truth, opacity=None, start: PostProcess = PostProcess(),
+def search(outputs, frames, ground_truth, opacity=None, start: PostProcess = PostProcess(),
            full: bool = True) -> SearchResult:
     """The post-processing that scores best on these validation outputs.
 
-    probabilities: {key: model-resolution map}; frames: {key: (rows, columns)}; ground_truth:
+    outputs: {key: model-resolution probability map or Candidates}; frames: {key: (rows, columns)}; ground_truth:
     {key: boxes in the image frame}; opacity: {key: P(opacity)} or None. full=False searches
     the threshold alone (start's other settings); full=True then searches the shape settings
     around the best thresholds and, given opacities, the gate.
     """
     keys = list(ground_truth)
-    candidates = {t: {k: boxes_in_image(probabilities[k], t, 0.0, *frames[k]) for k in keys} for t in THRESHOLD_GRID}
+    by_threshold = {t: {k: candidates(outputs[k], t, *frames[k]) for k in keys} for t in THRESHOLD_GRID}
     tried = 0
 
     def score(settings: PostProcess) -> tuple[Score, dict]:
         nonlocal tried
         tried += 1
-        preds = {k: shape_boxes(*candidates[settings.threshold][k], settings) for k in keys}
+        preds = {k: shape_boxes(*by_threshold[settings.threshold][k], settings) for k in keys}
         return mean_average_precision(ground_truth, preds, THRESHOLDS), preds
 
     base = dataclasses.replace(start, gate=0.0)
-    by_threshold = [score(dataclasses.replace(base, threshold=float(t)))[0].map for t in THRESHOLD_GRID]
-    best_t = _plateau_best(np.array(by_threshold))
+    maps = [score(dataclasses.replace(base, threshold=float(t)))[0].map for t in THRESHOLD_GRID]
+    best_t = _plateau_best(np.array(maps))
     best = dataclasses.replace(base, threshold=float(THRESHOLD_GRID[best_t]))
     if full:
         best = _search_shape_and_gate(best, best_t, score, ground_truth, opacity)
     final_score, _ = score(best)
     if best.gate:
-        final_score = _gated_score(best, candidates, ground_truth, opacity)
+        final_score = _gated_score(best, by_threshold, ground_truth, opacity)
     return SearchResult(best, final_score, tried)
 
 
@@ -179,11 +228,11 @@ def _search_shape_and_gate(best: PostProcess, best_t: int, score, ground_truth, 
     return best
 
 
-def _gated_score(settings: PostProcess, candidates, ground_truth, opacity) -> Score:
+def _gated_score(settings: PostProcess, by_threshold, ground_truth, opacity) -> Score:
     preds = {}
     for k in ground_truth:
         if opacity[k] >= settings.gate:
-            preds[k] = shape_boxes(*candidates[settings.threshold][k], settings)
+            preds[k] = shape_boxes(*by_threshold[settings.threshold][k], settings)
     return mean_average_precision(ground_truth, preds, THRESHOLDS)
 
 

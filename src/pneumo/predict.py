@@ -46,12 +46,14 @@ class Predictor:
     def threshold(self) -> float:
         return self.settings.threshold
 
-    def probabilities(self, batch: np.ndarray, metas=None, tta: bool = False):
-        """(B, S, S) uint8 at model resolution (and the images' DICOM metadata) -> (B, S, S)
-        float32 opacity maps and (B,) image-level opacity probabilities (None without a classifier)."""
+    def outputs(self, batch: np.ndarray, metas=None, tta: bool = False):
+        """(B, S, S) uint8 at model resolution (and the images' DICOM metadata) -> per image what
+        post-processing reads (an opacity map, or the centre head's candidates), and (B,) image-level
+        opacity probabilities (None without a classifier)."""
         import torch
 
-        from pneumo.model import metadata_vector, opacity_probability
+        from pneumo.centres import image_outputs
+        from pneumo.model import NetOutput, metadata_vector, opacity_probability
 
         x = torch.from_numpy(batch).to(self.device)[:, None].float() / 255.0
         meta = None
@@ -61,17 +63,22 @@ class Predictor:
             meta = torch.tensor(rows, dtype=torch.float32, device=self.device)
         with torch.inference_mode():
             out = self.net(x, meta)
-            prob, classes = torch.sigmoid(out.mask), out.classes
-            if tta:  # horizontal flip: predict on the mirror image and mirror back
+            if tta:  # horizontal flip: predict on the mirror image and mirror back, then average
                 flipped = self.net(x.flip(-1), meta)
-                prob = (prob + torch.sigmoid(flipped.mask).flip(-1)) / 2
-                classes = None if classes is None else (classes + flipped.classes) / 2
-        opacity = None if classes is None else opacity_probability(classes).cpu().numpy()
-        return prob[:, 0].float().cpu().numpy(), opacity
+                out = NetOutput(_mirror_mean(out.mask, flipped.mask),
+                                None if out.classes is None else (out.classes + flipped.classes) / 2,
+                                _mirror_mean(out.centre, flipped.centre))
+        opacity = None if out.classes is None else opacity_probability(out.classes).cpu().numpy()
+        return image_outputs(out), opacity
 
-    def boxes(self, prob: np.ndarray, rows: int, columns: int, opacity: float | None = None):
+    def boxes(self, output, rows: int, columns: int, opacity: float | None = None):
         """Boxes (x, y, w, h) in the image's own frame and their confidences."""
-        return apply(prob, self.settings, rows, columns, opacity)
+        return apply(output, self.settings, rows, columns, opacity)
+
+
+def _mirror_mean(maps, mirrored_maps):
+    """The mean of maps and the maps of the mirror image, mirrored back (None stays None)."""
+    return None if maps is None else (maps + mirrored_maps.flip(-1)) / 2
 
 
 def load_predictor(model, threshold: float | None = None, min_box_area: float | None = None,
@@ -90,7 +97,8 @@ def load_predictor(model, threshold: float | None = None, min_box_area: float | 
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         config = TrainConfig.from_dict(ckpt["hyper_parameters"]["config"])
         state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-        net = UNet(config.width, config.depth, classifier=config.classifier, metadata=config.metadata)
+        net = UNet(config.width, config.depth, classifier=config.classifier, metadata=config.metadata,
+                   centre=config.head == "centre")
         net.load_state_dict(state)
     except Exception as exc:  # torch raises many types for files that are not pneumo checkpoints
         raise ModelError(f"{ckpt_path}: not a pneumo checkpoint ({type(exc).__name__}: {exc})") from None
@@ -186,7 +194,7 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
                 atomic_write_json(part_path(Path(item.path)), {"path": item.path, "error": item.error})
         if not good:
             continue
-        probs, opacity = predictor.probabilities(np.stack([item.image for item in good]),
+        probs, opacity = predictor.outputs(np.stack([item.image for item in good]),
                                                  [item.meta for item in good], tta=tta)
         for i, (item, prob) in enumerate(zip(good, probs)):
             path, pid = Path(item.path), item.patientId

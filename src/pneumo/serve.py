@@ -91,7 +91,7 @@ def predict_upload(predictor, lock, data: bytes, filename: str, annotated: bool)
     if item.error is not None:
         raise HTTPException(422, f"{filename or 'upload'}: {item.error}")
     with lock:
-        probs, opacity = predictor.probabilities(item.image[None], [item.meta])
+        probs, opacity = predictor.outputs(item.image[None], [item.meta])
     boxes, conf = predictor.boxes(probs[0], *item.shape, None if opacity is None else float(opacity[0]))
     patient_id = Path(filename).stem if filename else (item.meta["PatientID"] or "upload")
     result = {"patientId": patient_id, "boxes": box_records(boxes, conf), "image_size": list(item.shape),
