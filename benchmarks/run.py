@@ -261,9 +261,9 @@ def bench_predict():
     naive_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for f in files:  # straightforward: one image at a time, a matplotlib figure each
-        image, _ = read_dicom(f)
-        prob = predictor.probabilities(resize_area(image, predictor.image_size)[None])[0]
-        boxes, conf = predictor.boxes(prob, *image.shape)
+        image, meta = read_dicom(f)
+        outputs, opacity = predictor.outputs(resize_area(image, predictor.image_size)[None], [meta.to_dict()])
+        boxes, conf = predictor.boxes(outputs[0], *image.shape, None if opacity is None else float(opacity[0]))
         fig, ax = plt.subplots(figsize=(10.24, 10.24), dpi=100)
         ax.imshow(image, cmap="gray")
         for (x, y, w, h), c in zip(boxes, conf):
