@@ -30,8 +30,7 @@ def box_extents(box_masks: torch.Tensor):
 def centre_targets(box_masks: torch.Tensor, stride: int = CENTRE_STRIDE):
     """On the head's grid (the masks' side / stride): a heat map (B, 1, h, w) with an elliptic
     Gaussian per box (sigma = size / 6, peak 1 at the centre cell), log-size targets (B, 2, h, w)
-    of the box that owns each cell (fractions of the side), the positives (B, 1, h, w) and the
-    regression weight (the heat itself: cells near a centre count most); and the offsets
+    of the box that owns each cell (fractions of the side), the positives (B, 1, h, w) and the offsets
     (B, 2, h, w) of each centre inside its cell, at the positives (the grid is coarser than the
     image: without them a centre would be off by up to half a cell)."""
     x0, y0, x1, y1, present = box_extents(box_masks)
@@ -55,18 +54,18 @@ def centre_targets(box_masks: torch.Tensor, stride: int = CENTRE_STRIDE):
     offsets = torch.zeros(heat.shape[0], 2, h, w, device=heat.device)
     offsets[bi, 0, centre_y[bi, ki], centre_x[bi, ki]] = (cx - cx.floor())[bi, ki]
     offsets[bi, 1, centre_y[bi, ki], centre_x[bi, ki]] = (cy - cy.floor())[bi, ki]
-    return heat, torch.cat([log_w, log_h], dim=1), positive.any(dim=1, keepdim=True), heat, offsets
+    return heat, torch.cat([log_w, log_h], dim=1), positive.any(dim=1, keepdim=True), offsets
 
 
 def centre_loss(prediction: torch.Tensor, box_masks: torch.Tensor) -> torch.Tensor:
     """CenterNet's penalty-reduced focal loss on the heat map, a heat-weighted L1 on log sizes and
     an L1 on the centre offsets at the positives."""
-    heat, log_size, positive, weight, offsets = centre_targets(box_masks)
+    heat, log_size, positive, offsets = centre_targets(box_masks)
     p = torch.sigmoid(prediction[:, :1].float()).clamp(1e-4, 1 - 1e-4)
     pos = positive.float()
     focal = -(torch.log(p) * (1 - p) ** 2 * pos + torch.log(1 - p) * p**2 * (1 - heat) ** 4 * (1 - pos)).sum()
     focal = focal / pos.sum().clamp(min=1)
-    weight = weight * (weight > 0.1)
+    weight = heat * (heat > 0.1)  # sizes are learnt near the centres, where the heat is
     size = (torch.abs(prediction[:, 1:3].float() - log_size) * weight).sum() / weight.sum().clamp(min=1e-6)
     offset = (torch.abs(prediction[:, 3:5].float() - offsets) * pos).sum() / pos.sum().clamp(min=1)
     return focal + size + offset
