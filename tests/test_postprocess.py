@@ -71,19 +71,23 @@ def _validation_set(n=48, seed=0):
 
 def test_search_finds_the_gate_and_beats_the_threshold_alone():
     probs, frames, truth, opacity = _validation_set()
-    alone = search(probs, frames, truth, None, full=False)
+    alone = search(probs, frames, truth, None, mode="threshold")
     full = search(probs, frames, truth, opacity)
     assert 0.4 <= full.settings.gate <= 0.6  # between the negatives' and the positives' opacity
     assert full.score.map > alone.score.map + 0.3
     # the reported score is what apply() gives with the chosen settings: one implementation
     preds = {k: apply(probs[k], full.settings, *frames[k], opacity=opacity[k]) for k in truth}
     assert mean_average_precision(truth, preds).map == pytest.approx(full.score.map)
+    # the gate alone (shape settings as given) separates these images as well, with far fewer tries
+    gate = search(probs, frames, truth, opacity, mode="gate")
+    assert 0.4 <= gate.settings.gate <= 0.6 and gate.settings.max_boxes == 0 and gate.score.map > alone.score.map + 0.3
+    assert gate.tried < full.tried / 10
 
 
 def test_threshold_search_prefers_a_plateau_and_keeps_the_start_settings():
     probs, frames, truth, _ = _validation_set()
     start = PostProcess(min_box_area=123.0, box_scale=0.9)
-    result = search(probs, frames, truth, None, start, full=False)
+    result = search(probs, frames, truth, None, start, mode="threshold")
     assert dataclasses.replace(result.settings, threshold=start.threshold) == start
     # every threshold scores alike between the noise and the blobs: the middle of that plateau
     assert 0.3 <= result.settings.threshold <= 0.6

@@ -23,8 +23,9 @@ LOSSES = ("bce_dice", "bce", "dice")
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
 IMAGE_SIZE_RANGE = (32, 1024)  # model input side in pixels; `pneumo prepare` checks the same range
 # search: threshold, shape settings and classifier gate searched on the validation split each
-# epoch (pneumo.postprocess); threshold: the threshold alone; fixed: the values given here.
-POSTPROCESS = ("search", "threshold", "fixed")
+# epoch (pneumo.postprocess); gate: the threshold and the classifier gate; threshold: the
+# threshold alone; fixed: the values given here.
+POSTPROCESS = ("search", "gate", "threshold", "fixed")
 # mask: boxes are connected components of the opacity map; centre: an anchor-free head (CenterNet
 # style) predicts box centres as heat-map peaks and their sizes, beside the same map.
 HEADS = ("mask", "centre")
@@ -49,7 +50,7 @@ class TrainConfig:
     classifier: bool = True  # image-level opacity head on the deepest features; gates the boxes
     metadata: bool = True  # the classifier also sees view position, sex and age
     class_weight: float = 1.0  # weight of the classifier's cross-entropy beside the mask loss
-    postprocess: str = "search"  # search | threshold | fixed (see POSTPROCESS)
+    postprocess: str = "search"  # search | gate | threshold | fixed (see POSTPROCESS)
     threshold: float = 0.5  # probability threshold for boxes (the start value when searched)
     min_box_area: float = 1000.0  # in pixels of the original image frame (RSNA: 1024 x 1024)
     val_fraction: float = 0.2

@@ -153,7 +153,7 @@ class OpacityModule(L.LightningModule):
             return SearchResult(start, mean_average_precision(truth, preds), 1)
         return search(dict(zip(keys, image_outs)), {k: dm.frame[k] for k in keys}, truth,
                       dict(zip(keys, opacity)) if opacity is not None else None, start,
-                      full=self.config.postprocess == "search")
+                      mode=self.config.postprocess)
 
     def _log_validation(self, v: ValidationResult) -> None:
         self.log("val/loss", v.loss)

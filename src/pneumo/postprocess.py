@@ -178,13 +178,13 @@ def _gated_maps(per_image: dict, has_gt: dict, has_boxes: dict, opacity: dict, g
 
 
 def search(outputs, frames, ground_truth, opacity=None, start: PostProcess = PostProcess(),
-           full: bool = True) -> SearchResult:
+           mode: str = "search") -> SearchResult:
     """The post-processing that scores best on these validation outputs.
 
     outputs: {key: model-resolution probability map or Candidates}; frames: {key: (rows, columns)}; ground_truth:
-    {key: boxes in the image frame}; opacity: {key: P(opacity)} or None. full=False searches
-    the threshold alone (start's other settings); full=True then searches the shape settings
-    around the best thresholds and, given opacities, the gate.
+    {key: boxes in the image frame}; opacity: {key: P(opacity)} or None. mode "threshold"
+    searches the threshold alone (start's other settings); "gate" then, given opacities, the
+    gate around the best thresholds; "search" the shape settings (SHAPE_GRID) with the gate.
     """
     keys = list(ground_truth)
     by_threshold = {t: {k: candidates(outputs[k], t, *frames[k]) for k in keys} for t in THRESHOLD_GRID}
@@ -200,21 +200,22 @@ def search(outputs, frames, ground_truth, opacity=None, start: PostProcess = Pos
     maps = [score(dataclasses.replace(base, threshold=float(t)))[0].map for t in THRESHOLD_GRID]
     best_t = _plateau_best(np.array(maps))
     best = dataclasses.replace(base, threshold=float(THRESHOLD_GRID[best_t]))
-    if full:
-        best = _search_shape_and_gate(best, best_t, score, ground_truth, opacity)
+    if mode != "threshold":
+        grid = SHAPE_GRID if mode == "search" else {}
+        best = _search_shape_and_gate(best, best_t, score, ground_truth, opacity, grid)
     final_score, _ = score(best)
     if best.gate:
         final_score = _gated_score(best, by_threshold, ground_truth, opacity)
     return SearchResult(best, final_score, tried)
 
 
-def _search_shape_and_gate(best: PostProcess, best_t: int, score, ground_truth, opacity) -> PostProcess:
+def _search_shape_and_gate(best: PostProcess, best_t: int, score, ground_truth, opacity, grid: dict) -> PostProcess:
     has_gt = {k: len(as_boxes(g)) > 0 for k, g in ground_truth.items()}
     gates = GATE_GRID if opacity is not None else (0.0,)
     best_value = -1.0
     neighbours = THRESHOLD_GRID[max(0, best_t - 1): best_t + 2]
     for t in neighbours:
-        for values in _product(SHAPE_GRID):
+        for values in _product(grid):
             settings = dataclasses.replace(best, threshold=float(t), **values)
             result, preds = score(settings)
             if opacity is None:
