@@ -38,6 +38,7 @@ def tiny_run(synth_dir, tmp_path_factory):
     from pneumo.training import fit
 
     run_dir = tmp_path_factory.mktemp("tiny-run") / "run"
+    # with the opacity classifier and the full search, so predict and serve exercise both
     fit(TrainConfig(data_dir=str(synth_dir), epochs=2, image_size=64, depth=3, width=4, batch_size=8,
-                    n_val_images=2), run_dir)
+                    n_val_images=2, classifier=True, postprocess="search"), run_dir)
     return run_dir
