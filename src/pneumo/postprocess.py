@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pneumo.boxes import as_boxes, boxes_in_image, from_corners, to_corners
+from pneumo.boxes import as_boxes, boxes_in_image, from_corners, iou_matrix, to_corners
 from pneumo.metrics import THRESHOLDS, Score, mean_average_precision
 
 THRESHOLD_GRID = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))  # centre-head peaks run lower than mask pixels
@@ -94,25 +94,20 @@ def candidates(output, threshold: float, rows: int, columns: int):
 
 
 def merge_overlapping(boxes: np.ndarray, confidences: np.ndarray):
-    """Replace every group of overlapping boxes by its enclosing box, with the group's best confidence."""
-    corners = to_corners(boxes)
-    conf = np.asarray(confidences, dtype=np.float64).copy()
-    merged = True
-    while merged and len(corners) > 1:
-        merged = False
-        for i in range(len(corners)):
-            lo, hi = np.maximum(corners[i, :2], corners[:, :2]), np.minimum(corners[i, 2:], corners[:, 2:])
-            overlap = np.all(hi > lo, axis=1)
-            overlap[i] = False
-            if overlap.any():
-                group = np.flatnonzero(overlap)
-                corners[i] = np.concatenate([corners[[i, *group], :2].min(0), corners[[i, *group], 2:].max(0)])
-                conf[i] = conf[[i, *group]].max()
-                keep = np.setdiff1d(np.arange(len(corners)), group)
-                corners, conf = corners[keep], conf[keep]
-                merged = True
-                break
-    return from_corners(corners), conf
+    """Replace every group of overlapping boxes by its enclosing box, with the group's best
+    confidence. Pairs merge one at a time, so a chain of overlaps (and a merged box that now
+    overlaps another) ends as one box."""
+    boxes, conf = as_boxes(boxes).copy(), np.asarray(confidences, dtype=np.float64).copy()
+    while len(boxes) > 1:
+        touching = np.triu(iou_matrix(boxes, boxes) > 0, k=1)
+        if not touching.any():
+            break
+        i, j = np.argwhere(touching)[0]
+        corners = to_corners(boxes[[i, j]])
+        boxes[i] = from_corners(np.concatenate([corners[:, :2].min(0), corners[:, 2:].max(0)]))[0]
+        conf[i] = max(conf[i], conf[j])
+        boxes, conf = np.delete(boxes, j, axis=0), np.delete(conf, j)
+    return boxes, conf
 
 
 def shape_boxes(boxes: np.ndarray, confidences: np.ndarray, settings: PostProcess):
@@ -193,7 +188,9 @@ def search(outputs, frames, ground_truth, opacity=None, start: PostProcess = Pos
     def score(settings: PostProcess) -> tuple[Score, dict]:
         nonlocal tried
         tried += 1
-        preds = {k: shape_boxes(*by_threshold[settings.threshold][k], settings) for k in keys}
+        # a gated image has no predictions, as apply() leaves it
+        open_ = keys if not settings.gate else [k for k in keys if opacity[k] >= settings.gate]
+        preds = {k: shape_boxes(*by_threshold[settings.threshold][k], settings) for k in open_}
         return mean_average_precision(ground_truth, preds, THRESHOLDS), preds
 
     base = dataclasses.replace(start, gate=0.0)
@@ -203,10 +200,7 @@ def search(outputs, frames, ground_truth, opacity=None, start: PostProcess = Pos
     if mode != "threshold":
         grid = SHAPE_GRID if mode == "search" else {}
         best = _search_shape_and_gate(best, best_t, score, ground_truth, opacity, grid)
-    final_score, _ = score(best)
-    if best.gate:
-        final_score = _gated_score(best, by_threshold, ground_truth, opacity)
-    return SearchResult(best, final_score, tried)
+    return SearchResult(best, score(best)[0], tried)
 
 
 def _search_shape_and_gate(best: PostProcess, best_t: int, score, ground_truth, opacity, grid: dict) -> PostProcess:
@@ -216,7 +210,8 @@ def _search_shape_and_gate(best: PostProcess, best_t: int, score, ground_truth, 
     neighbours = THRESHOLD_GRID[max(0, best_t - 1): best_t + 2]
     for t in neighbours:
         for values in _product(grid):
-            settings = dataclasses.replace(best, threshold=float(t), **values)
+            # scored ungated: one scoring gives every gate's score (_gated_maps)
+            settings = dataclasses.replace(best, threshold=float(t), gate=0.0, **values)
             result, preds = score(settings)
             if opacity is None:
                 maps = np.array([result.map])
@@ -227,14 +222,6 @@ def _search_shape_and_gate(best: PostProcess, best_t: int, score, ground_truth, 
             if maps[i] > best_value + 1e-9:
                 best_value, best = float(maps[i]), dataclasses.replace(settings, gate=float(gates[i]))
     return best
-
-
-def _gated_score(settings: PostProcess, by_threshold, ground_truth, opacity) -> Score:
-    preds = {}
-    for k in ground_truth:
-        if opacity[k] >= settings.gate:
-            preds[k] = shape_boxes(*by_threshold[settings.threshold][k], settings)
-    return mean_average_precision(ground_truth, preds, THRESHOLDS)
 
 
 def _product(grid: dict):
