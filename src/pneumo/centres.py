@@ -71,11 +71,11 @@ def centre_loss(prediction: torch.Tensor, box_masks: torch.Tensor) -> torch.Tens
     return focal + size + offset
 
 
-def image_outputs(out: NetOutput) -> list:
-    """Per image, what post-processing reads: the opacity map (float16: a whole validation split is
-    held until the epoch ends, 5,000+ maps on RSNA), or the centre head's decoded Candidates."""
+def image_outputs(out: NetOutput, map_dtype=np.float32) -> list:
+    """Per image, what post-processing reads: the opacity map (of map_dtype), or the centre head's
+    decoded Candidates."""
     if out.centre is None:
-        return list(torch.sigmoid(out.mask.float())[:, 0].cpu().numpy().astype(np.float16))
+        return list(torch.sigmoid(out.mask.float())[:, 0].cpu().numpy().astype(map_dtype, copy=False))
     heat = torch.sigmoid(out.centre[:, 0].float()).cpu().numpy()
     rest = out.centre[:, 1:].float().cpu().numpy()
     side = out.mask.shape[-1]

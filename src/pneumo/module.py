@@ -125,7 +125,10 @@ class OpacityModule(L.LightningModule):
         out = self(batch["images"], batch["metadata"])
         loss = self._loss(out, batch).item()
         opacity = opacity_probability(out.classes).cpu().numpy() if out.classes is not None else None
-        self._outputs.append((batch["rows"].cpu().numpy(), image_outputs(out), opacity, loss, len(batch["rows"])))
+        # float16 maps: a whole validation split is held until the epoch ends (5,000+ maps on RSNA);
+        # predict keeps float32, as before
+        outs = image_outputs(out, np.float16)
+        self._outputs.append((batch["rows"].cpu().numpy(), outs, opacity, loss, len(batch["rows"])))
 
     def on_validation_epoch_end(self):
         outputs, self._outputs = self._outputs, []
