@@ -326,7 +326,7 @@ def bench_sweep():
 
     root = Path(os.environ.get("PNEUMO_OUTPUTS", "outputs")) / "runs" / "optimizers"
     records = []
-    for path in sorted(p for p in root.glob("*") if p.name != "marathon"):
+    for path in sorted(p for p in root.glob("*") if not p.name.startswith("marathon")):
         run = RunDir(path)
         proc, metrics = run.process(), run.metrics()
         if proc and metrics and run.log.is_file():

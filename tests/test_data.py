@@ -121,3 +121,33 @@ def test_scan_yields_one_result_per_file_in_order(synth_dir, tmp_path):
     items = list(scan([*files, tmp_path / "broken.dcm"], image_size=32, workers=1))
     assert [i.path for i in items] == [str(p) for p in files] + [str(tmp_path / "broken.dcm")]
     assert all(i.error is None and i.image.shape == (32, 32) for i in items[:-1]) and items[-1].error
+
+
+@pytest.mark.slow
+def test_a_killed_decode_worker_is_reported_and_the_scan_finishes(synth_dir):
+    """The OOM killer taking a worker made validate hang forever (multiprocessing.Pool.imap)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    files = sorted((synth_dir / TRAIN_IMAGES).glob("*.dcm")) * 3  # 144 jobs: a worker is busy when killed
+    items, finished = [], threading.Event()
+
+    def run():
+        items.extend(scan(files, image_size=32, workers=2))
+        finished.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    me = psutil.Process(os.getpid())
+    deadline = time.time() + 60
+    while len(items) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    workers = [p for p in me.children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    assert workers, "no decode worker to kill"
+    os.kill(workers[0].pid, signal.SIGKILL)
+    assert finished.wait(120), "scan hangs after a worker was killed"
+    assert [i.path for i in items] == [str(f) for f in files]  # every file once, in order
+    assert sum(i.error is not None for i in items) <= 1  # at most the job the dead worker held

@@ -156,3 +156,30 @@ def test_compressed_grayscale_syntaxes_decode():
     for name in ("MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "JPEG2000.dcm"):
         image, _ = read_dicom(folder / name)
         assert image.std() > 1, name
+
+
+@pytest.mark.parametrize("in_header", [True, False], ids=["rows-columns", "jpeg-frame-header"])
+def test_decompression_bomb_is_refused_from_the_header_before_decoding(synth_dir, tmp_path, in_header):
+    import time
+
+    from pneumo.limits import MAX_IMAGE_PIXELS
+    from pneumo.synth import write_bomb
+
+    source = next((synth_dir / "stage_2_test_images").glob("*.dcm"))
+    bomb = tmp_path / "bomb.dcm"
+    write_bomb(source, bomb, 14000, 14000, in_header=in_header)  # 196 MP: Pillow refuses, pylibjpeg would not
+    start = time.process_time()
+    with pytest.raises(DicomError, match="over the limit") as info:
+        read_dicom(bomb)
+    assert time.process_time() - start < 1.0  # decoding it took 6.6 s and 1.2 GB
+    assert "14000x14000" in info.value.reason and f"{MAX_IMAGE_PIXELS:,}" in info.value.reason
+
+
+def test_an_image_at_the_pixel_limit_is_still_read(tmp_path, monkeypatch):
+    import pneumo.dicom
+
+    monkeypatch.setattr(pneumo.dicom, "MAX_IMAGE_PIXELS", 64 * 48)
+    image, meta = read_dicom(write_uncompressed(tmp_path / "a.dcm", np.zeros((48, 64), np.uint16)))
+    assert image.shape == (48, 64)
+    with pytest.raises(DicomError, match="over the limit"):
+        read_dicom(write_uncompressed(tmp_path / "b.dcm", np.zeros((49, 64), np.uint16)))

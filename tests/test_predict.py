@@ -59,9 +59,9 @@ def test_rerun_skips_what_is_done(tiny_run, synth_dir, tmp_path):
     out = tmp_path / "pred"
     predict_folder(tiny_run, synth_dir / "stage_2_test_images", out, workers=0)
     first = (out / "submission.csv").read_text()
-    victim = sorted((out / ".parts").glob("*.dcm.json"))[0]
+    victim = sorted((out / ".parts").glob("*.json"))[0]
     victim.unlink()  # as if the run had been killed before this image
-    stamps = {p: p.stat().st_mtime_ns for p in (out / ".parts").glob("*.dcm.json")}
+    stamps = {p: p.stat().st_mtime_ns for p in (out / ".parts").glob("*.json")}
     summary = predict_folder(tiny_run, synth_dir / "stage_2_test_images", out, workers=0)
     assert (out / "submission.csv").read_text() == first
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # done images were not redone
@@ -107,3 +107,27 @@ def test_cli_summary_and_missing_dir(tiny_run, synth_dir, tmp_path):
     out = subprocess.run([sys.executable, "-m", "pneumo", "predict", str(tiny_run), str(tmp_path / "none"),
                           "--out", str(tmp_path / "q")], capture_output=True, text=True)
     assert out.returncode == 1 and "images directory does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_longest_legal_file_name_is_reported_and_the_rest_predicted(tiny_run, synth_dir, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(synth_dir / "stage_2_test_images", images)
+    long_name = images / ("a" * 250 + ".dcm")  # 254 characters: legal, but no room for a suffix
+    shutil.copy(next(images.glob("*.dcm")), long_name)
+    summary = predict_folder(tiny_run, images, tmp_path / "out", workers=0, save_images=False)
+    assert summary["n_predicted"] == 8 and summary["n_errors"] == 1
+    errors = pd.read_csv(tmp_path / "out" / "errors.csv")
+    assert errors["path"].tolist() == [str(long_name)] and "invalid patientId" in errors["reason"][0]
+
+
+def test_one_patient_under_two_names_is_one_row_across_reruns(tiny_run, synth_dir, tmp_path):
+    images, out = tmp_path / "images", tmp_path / "out"
+    shutil.copytree(synth_dir / "stage_2_test_images", images)
+    predict_folder(tiny_run, images, out, workers=0, save_images=False)
+    first = sorted(images.glob("*.dcm"))[0]
+    shutil.copy(first, images / first.stem)  # the same image again, without the suffix
+    summary = predict_folder(tiny_run, images, out, workers=0, save_images=False)
+    sub = pd.read_csv(out / "submission.csv")
+    assert len(sub) == 8 and sub["patientId"].is_unique
+    errors = pd.read_csv(out / "errors.csv")
+    assert summary["n_errors"] == 1 and "duplicate patientId" in errors["reason"][0]

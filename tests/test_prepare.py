@@ -90,3 +90,47 @@ def test_defaults_and_range_are_the_training_ones(synth_dir, tmp_path):
             prepare(synth_dir, out=tmp_path / "x", image_size=size)
     with pytest.raises(ConfigError):
         TrainConfig(image_size=high * 2)
+
+
+def test_out_holding_other_data_is_refused_and_nothing_deleted(data_copy, tmp_path):
+    outputs = tmp_path / "outputs"  # what `sweep --out outputs` fills: prepare must not replace it
+    (outputs / "models" / "m" / "v1").mkdir(parents=True)
+    (outputs / "models" / "m" / "v1" / "model.ckpt").write_bytes(b"weights")
+    with pytest.raises(DataError, match="holds other data.*models"):
+        prepare(data_copy, out=outputs, image_size=32, workers=1)
+    assert (outputs / "models" / "m" / "v1" / "model.ckpt").read_bytes() == b"weights"
+    n_files = len(list(data_copy.rglob("*")))
+    for out in (data_copy, data_copy.parent):  # the data set itself, or a folder holding it
+        with pytest.raises(DataError, match="holds the data directory"):
+            prepare(data_copy, out=out, image_size=32, workers=1)
+    assert len(list(data_copy.rglob("*"))) == n_files
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(DataError, match="is a file"):
+        prepare(data_copy, out=tmp_path / "a-file", image_size=32, workers=1)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert len(prepare(data_copy, out=empty, image_size=32, workers=1).features) == 48
+    # its own earlier output is rebuilt in place (--force)
+    assert len(prepare(data_copy, out=empty, image_size=32, workers=1, force=True).features) == 48
+
+
+def test_bad_label_rows_skip_their_patient_with_the_reason(data_copy, tmp_path):
+    labels = pd.read_csv(data_copy / "stage_2_train_labels.csv", dtype={"patientId": str})
+    positives = labels[labels["Target"] == 1]["patientId"].unique()
+    negatives = labels[labels["Target"] == 0]["patientId"].unique()
+    labels["Target"] = labels["Target"].astype(object)
+    labels.loc[labels["patientId"] == negatives[0], "Target"] = None  # empty Target
+    labels.loc[labels["patientId"] == positives[0], "width"] = -30.0
+    labels.loc[labels["patientId"] == positives[1], "height"] = float("inf")
+    labels.to_csv(data_copy / "stage_2_train_labels.csv", index=False)
+    prepared = prepare(data_copy, out=tmp_path / "prep", image_size=32, workers=1)
+    skipped = pd.read_csv(tmp_path / "prep" / "skipped.csv").set_index("patientId")["reason"]
+    assert "Target" in skipped[negatives[0]] and "positive" in skipped[positives[0]]
+    assert "not finite" in skipped[positives[1]]
+    assert len(prepared.features) == 45 and np.isfinite(prepared.boxes[["width", "height"]].to_numpy()).all()
+
+
+def test_header_only_labels_is_one_clear_error(data_copy, tmp_path):
+    (data_copy / "stage_2_train_labels.csv").write_text("patientId,x,y,width,height,Target\n")
+    with pytest.raises(DataError, match="no labelled"):
+        prepare(data_copy, out=tmp_path / "prep", image_size=32, workers=1)

@@ -14,6 +14,15 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
+_SERVER = {}  # the running server's pid, to read its memory
+
+
+def _peak_rss_mb() -> float:
+    """The server process's peak resident memory so far (VmHWM), in MB."""
+    status = open(f"/proc/{_SERVER['pid']}/status").read()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -26,6 +35,7 @@ def server(tiny_run):
     proc = subprocess.Popen([sys.executable, "-m", "pneumo", "serve", str(tiny_run), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    _SERVER["pid"] = proc.pid
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
@@ -95,3 +105,53 @@ def test_concurrent_requests(server, synth_dir):
         responses = list(pool.map(post, files))
     assert [r.status_code for r in responses] == [200] * len(files)
     assert sorted(r.json()["patientId"] for r in responses) == sorted(p.stem for p in files)
+
+
+def _post_streamed(url, head: bytes, n_bytes: int, tail: bytes, content_type: str):
+    """POST a body sent chunked (no Content-Length); the server may answer and close early."""
+    def body():
+        yield head
+        chunk = b"0" * (1 << 20)
+        for _ in range(n_bytes >> 20):
+            yield chunk
+        yield tail
+
+    try:
+        return httpx.post(url, content=body(), headers={"content-type": content_type}, timeout=120).status_code
+    except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):
+        return "closed"
+
+
+@pytest.mark.parametrize("kind", ["multipart", "json"])
+def test_chunked_upload_is_cut_at_the_byte_cap_not_read_whole(server, kind):
+    from pneumo.limits import MAX_JSON_BODY_BYTES
+
+    before = _peak_rss_mb()
+    n = 3 * MAX_JSON_BODY_BYTES  # well over either cap; before the fix the server read it all
+    if kind == "multipart":
+        head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.dcm"\r\n\r\n'
+        status = _post_streamed(f"{server}/predict", head, n, b"\r\n--b--\r\n", "multipart/form-data; boundary=b")
+    else:
+        status = _post_streamed(f"{server}/predict", b'{"dicom_base64": "', n, b'"}', "application/json")
+    assert status in (413, "closed")
+    assert _peak_rss_mb() - before < 0.6 * n / 2**20  # bounded by the cap, not by what was sent
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_json_upload_takes_the_documented_upload_size(server):
+    from pneumo.limits import MAX_UPLOAD_BYTES
+
+    data = b"\0" * (MAX_UPLOAD_BYTES - 1024)  # base64 makes it 4/3 as long: it was refused at 48 MB
+    r = httpx.post(f"{server}/predict", json={"dicom_base64": base64.b64encode(data).decode()}, timeout=120)
+    assert r.status_code == 422, r.text  # read and judged (not a DICOM), not refused for its size
+
+
+def test_decompression_bomb_upload_is_refused_quickly(server, synth_dir, tmp_path):
+    from pneumo.synth import write_bomb
+
+    bomb = tmp_path / "bomb.dcm"
+    write_bomb(next((synth_dir / "stage_2_test_images").glob("*.dcm")), bomb, 14000, 14000)
+    start = time.perf_counter()
+    r = httpx.post(f"{server}/predict", files={"file": ("bomb.dcm", bomb.read_bytes(), "application/dicom")}, timeout=60)
+    assert r.status_code == 422 and "over the limit" in r.json()["detail"]
+    assert time.perf_counter() - start < 5

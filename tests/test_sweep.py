@@ -167,3 +167,44 @@ def test_ctrl_c_stops_cleanly_and_leaves_a_resumable_sweep(tmp_path, synth_dir):
     assert again.returncode == 0, again.stdout + again.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "finished" and [h["epoch"] for h in metrics["history"]] == list(range(1, 41))
+
+
+def _finish(run_dir: RunDir, params: dict) -> None:
+    """A run directory as a finished training leaves it (config.yaml, metrics.json)."""
+    from pneumo.config import TrainConfig
+
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    run_dir.write_config(TrainConfig.from_dict(params))
+    run_dir.write_metrics({"status": "finished", "best_val_map": 0.1})
+
+
+def test_resume_refuses_finished_runs_of_other_base_parameters(tmp_path, synth_dir):
+    from pneumo.sweep import sweep
+
+    spec = {"name": "s", "notebook": NOTEBOOK, "base": {"data_dir": str(synth_dir), **TINY},
+            "runs": [{"optimizer": "adam"}]}
+    old = load_sweep(_write(tmp_path, spec))
+    _finish(old.runs[0].dir(tmp_path / "out" / "runs" / "s"), old.runs[0].params)
+    spec["base"]["lr"] = 0.5  # the base changed since: the finished run trained something else
+    with pytest.raises(SweepError, match=r"other parameters \(lr\)"):
+        sweep(_write(tmp_path, spec), out=tmp_path / "out", resume=True)
+    other_data = tmp_path / "other-data"
+    shutil.copytree(synth_dir, other_data)
+    spec["base"].pop("lr")
+    with pytest.raises(SweepError, match=r"other parameters \(data_dir\)"):
+        sweep(_write(tmp_path, spec), out=tmp_path / "out", resume=True, data_dir=str(other_data))
+    assert not (tmp_path / "out" / "sweeps").exists()  # refused before any summary was written
+
+
+def test_a_marathon_of_other_parameters_is_kept_and_a_new_one_named(tmp_path):
+    from pneumo.config import TrainConfig
+    from pneumo.sweep import _marathon_run
+
+    runs_root = tmp_path / "runs"
+    params = {**TINY, "optimizer": "adam", "epochs": 5}
+    assert _marathon_run(runs_root, params).name == "marathon"
+    _finish(RunDir(runs_root / "marathon"), params)
+    assert _marathon_run(runs_root, {**params, "max_time": 60}).name == "marathon"  # how it runs, not what
+    assert _marathon_run(runs_root, {**params, "optimizer": "sgd"}).name == "marathon-2"  # best run changed
+    assert _marathon_run(runs_root, {**params, "epochs": 9}).name == "marathon-2"  # overrides changed
+    assert TrainConfig.from_dict(RunDir(runs_root / "marathon").read_config()).optimizer == "adam"  # kept

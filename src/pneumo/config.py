@@ -31,6 +31,9 @@ POSTPROCESS = ("search", "gate", "threshold", "fixed")
 HEADS = ("mask", "centre")
 
 
+# How a run executes, not what it trains: a run may resume (or a sweep count it done) with other values of these.
+EXECUTION_FIELDS = frozenset({"threads", "num_workers", "max_time"})
+
 @dataclass(frozen=True)
 class TrainConfig:
     data_dir: str = "outputs/synth"  # an RSNA-layout directory, or a `pneumo prepare` output
@@ -189,6 +192,8 @@ def read_params_file(path) -> dict:
         values = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such params file") from None
+    except (OSError, ValueError) as exc:  # a directory, no permission, a NUL in the name, not UTF-8
+        raise ConfigError(f"{path}: not a readable params file ({getattr(exc, 'strerror', None) or exc})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if values is None:

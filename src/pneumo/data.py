@@ -61,10 +61,14 @@ def read_csv(path, columns) -> pd.DataFrame:  # noqa: F821
     import pandas as pd
 
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a CSV file")
     if not path.is_file():
         raise DataError(f"{path}: missing")
     try:
         df = pd.read_csv(path, dtype={"patientId": str})
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a readable CSV ({str(exc).strip()})") from None
     missing = [c for c in columns if c not in df.columns]
@@ -98,10 +102,28 @@ def read_labels(path) -> dict[str, np.ndarray]:
     """
     labels = read_labels_table(path, ("patientId", *BOX_COLUMNS))
     boxes: dict[str, list] = {pid: [] for pid in labels["patientId"]}
-    boxed = labels.dropna(subset=list(BOX_COLUMNS))
+    # a row repeated is one box (the Kaggle file repeats nothing; a careless merge does)
+    boxed = labels.dropna(subset=list(BOX_COLUMNS)).drop_duplicates(subset=["patientId", *BOX_COLUMNS])
+    for row, reason in bad_box_rows(boxed).items():
+        raise DataError(f"{path}: line {row + 2}: {reason}")
     for pid, *box in boxed[["patientId", *BOX_COLUMNS]].itertuples(index=False):
         boxes[pid].append(box)
     return {pid: as_boxes(b) for pid, b in boxes.items()}
+
+
+def bad_box_rows(labels) -> dict:
+    """{row index: reason} of the rows whose box is incomplete, not finite, or of no positive size."""
+    values = labels[list(BOX_COLUMNS)].to_numpy(float)
+    given = ~np.isnan(values)
+    reasons = {}
+    for row, vals, has in zip(labels.index, values, given):
+        if has.any() and not has.all():
+            reasons[row] = "incomplete box (some of x, y, width, height are empty)"
+        elif has.all() and not np.isfinite(vals).all():
+            reasons[row] = f"box ({', '.join(f'{v:g}' for v in vals)}) is not finite"
+        elif has.all() and (vals[2] <= 0 or vals[3] <= 0):
+            reasons[row] = f"box width {vals[2]:g} and height {vals[3]:g} must be positive"
+    return reasons
 
 
 def dicom_files(folder) -> list[Path]:
@@ -169,9 +191,49 @@ def scan(paths, image_size: int | None = None, workers: int | None = None, descr
     if workers == 1 or len(jobs) < 16:
         yield from track(map(_decode_job, jobs), len(jobs), description)
         return
+    yield from track(_scan_in_processes(jobs, workers), len(jobs), description)
+
+
+def _scan_in_processes(jobs, workers: int):
+    """decode_file of each job in worker processes, in order. A worker that dies (the OOM killer,
+    a crash in a decoder library) breaks the pool: the jobs it held are decoded again one by one,
+    each in a pool of its own, so the one that kills a worker is reported and the rest go on.
+    (multiprocessing.Pool would wait forever for the dead worker's result.)"""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
     # spawn, not fork: callers may hold torch threads or run inside a Jupyter kernel.
-    with get_context("spawn").Pool(workers) as pool:
-        yield from track(pool.imap(_decode_job, jobs, chunksize=8), len(jobs), description)
+    context = get_context("spawn")
+    done = 0
+    while done < len(jobs):
+        window: list = []  # futures in flight, oldest first; bounded so results never pile up
+        try:
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                queued = done
+                while done < len(jobs):
+                    while queued < len(jobs) and len(window) < 4 * workers:
+                        window.append(pool.submit(_decode_job, jobs[queued]))
+                        queued += 1
+                    result = window[0].result()
+                    window.pop(0)
+                    done += 1
+                    yield result
+        except BrokenProcessPool:
+            for job in jobs[done:done + len(window)]:
+                yield _decode_alone(job, context)
+                done += 1
+
+
+def _decode_alone(job, context):
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            return pool.submit(_decode_job, job).result()
+    except BrokenProcessPool:
+        path = Path(job[0])
+        return Decoded(str(path), path.stem, error="the decoding process died (killed, e.g. out of memory)")
 
 
 def _scan_on_dask(client, jobs, chunk: int = 64, window: int = 16):

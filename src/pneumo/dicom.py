@@ -7,15 +7,18 @@ the user can act on.
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 
 from pneumo.errors import DicomError
+from pneumo.limits import MAX_IMAGE_PIXELS
 
 # Which installable package decodes which transfer syntax, for the error message.
 _DECODER_HINT = {
@@ -74,10 +77,31 @@ def parse_age(value) -> float | None:
     return round(years, 3) if 0 <= years < 150 else None
 
 
+class _ToDebug(logging.Filter):
+    def filter(self, record):
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        # propagated records skip the ancestors' level: pass them only where debug logging is on
+        return logging.getLogger("pneumo").isEnabledFor(logging.DEBUG)
+
+
+@cache
+def _library_logs_at_debug() -> None:
+    """pydicom logs a traceback on its own stderr handler when one decoder plugin fails and it
+    tries the next: a user would see "Traceback" from a run that succeeded. pneumo reports every
+    unusable file itself, so pydicom's records go to the application's logging, at debug level.
+    Done at first use (also in each worker process), not on import."""
+    logger = logging.getLogger("pydicom")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.addFilter(_ToDebug())
+    logger.propagate = True
+
+
 def _read_dataset(path: Path):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    _library_logs_at_debug()
     if path.is_file() and path.stat().st_size == 0:
         raise DicomError(path, "empty file")
     try:
@@ -135,6 +159,45 @@ def _check_usable(path: Path, ds, meta: DicomMeta) -> None:
         raise DicomError(path, f"multi-frame image ({ds.NumberOfFrames} frames); pneumo reads single X-rays")
     if meta.rows < 8 or meta.columns < 8:
         raise DicomError(path, f"implausible image size {meta.rows}x{meta.columns}")
+    _check_pixel_count(path, meta.rows, meta.columns, "Rows x Columns")
+    if meta.transfer_syntax in _DECODER_HINT:
+        # a compressed stream carries its own frame size, which is what a decoder allocates
+        size = _codestream_size(bytes(ds.PixelData[:65536]))
+        if size is not None:
+            _check_pixel_count(path, *size, "the compressed image's own header")
+
+
+def _check_pixel_count(path: Path, rows: int, columns: int, where: str) -> None:
+    if rows * columns > MAX_IMAGE_PIXELS:
+        raise DicomError(path, f"image of {rows}x{columns} pixels ({where}) is over the limit of "
+                               f"{MAX_IMAGE_PIXELS:,} pixels (pneumo.limits.MAX_IMAGE_PIXELS); not decoded")
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}  # incl. JPEG-LS
+
+
+def _codestream_size(data: bytes) -> tuple[int, int] | None:
+    """(rows, columns) declared by the first JPEG, JPEG-LS or JPEG 2000 header in the pixel data
+    bytes, None when there is none to read."""
+    j2k = data.find(b"\xff\x4f\xff\x51")
+    if j2k >= 0 and len(data) >= j2k + 24:  # SIZ: Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz
+        x, y, x0, y0 = (int.from_bytes(data[j2k + 8 + 4 * i:j2k + 12 + 4 * i], "big") for i in range(4))
+        return max(y - y0, 0), max(x - x0, 0)
+    i = data.find(b"\xff\xd8")
+    if i < 0:
+        return None
+    i += 2
+    while i + 9 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _JPEG_SOF:
+            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
 
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"

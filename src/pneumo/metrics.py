@@ -116,6 +116,8 @@ def read_submission(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         df = pd.read_csv(path, dtype={"patientId": str, "PredictionString": str})
     except FileNotFoundError:
         raise SubmissionError(f"{path}: no such file") from None
+    except OSError as exc:  # a directory, no permission
+        raise SubmissionError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise SubmissionError(f"{path}: not a readable CSV ({exc})") from None
     missing = {"patientId", "PredictionString"} - set(df.columns)

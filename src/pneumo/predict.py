@@ -7,8 +7,10 @@ settings skips what is done; the final files are written atomically at the end.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -20,7 +22,7 @@ import numpy as np
 
 from pneumo.boxes import box_records, format_prediction_string
 from pneumo.data import decode_file, dicom_files
-from pneumo.errors import DataError, ModelError
+from pneumo.errors import ConfigError, DataError, ModelError
 from pneumo.io import atomic_save_image, atomic_write_json, atomic_write_text
 from pneumo.postprocess import PostProcess, apply
 from pneumo.registry import resolve_model
@@ -92,6 +94,10 @@ def load_predictor(model, threshold: float | None = None, min_box_area: float | 
     from pneumo.config import TrainConfig
     from pneumo.model import UNet
 
+    if threshold is not None and not 0 < threshold < 1:
+        raise ConfigError(f"threshold {threshold:g}: must be a probability between 0 and 1")
+    if min_box_area is not None and not min_box_area >= 0:
+        raise ConfigError(f"min box area {min_box_area:g}: must be 0 or more pixels")
     ckpt_path, card = resolve_model(model)
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -161,9 +167,11 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
 
     from pneumo.render import annotate
 
-    predictor = model if isinstance(model, Predictor) else load_predictor(model, threshold, min_box_area)
     images_dir, out = Path(images_dir), Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: is a file; --out names the directory predictions go into")
     files = _input_files(images_dir)
+    predictor = model if isinstance(model, Predictor) else load_predictor(model, threshold, min_box_area)
     parts = _parts_dir(out, predictor, tta)
     gt = None
     if labels:
@@ -172,8 +180,16 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
         gt = read_labels(labels)
 
     def part_path(path: Path) -> Path:
-        return parts / f"{path.name}.json"
+        # named by a hash: an input name may be as long as the file system allows, and the
+        # part file adds a suffix (and its temporary file a prefix) to it
+        return parts / f"{hashlib.sha256(path.name.encode('utf-8', 'surrogateescape')).hexdigest()[:32]}.json"
 
+    first_of: dict[str, Path] = {}  # one patientId, one row: later names of a patientId are errors
+    for f in files:
+        if f.stem in first_of:
+            atomic_write_json(part_path(f), {"path": str(f), "error": f"duplicate patientId (also {first_of[f.stem]})"})
+        else:
+            first_of[f.stem] = f
     todo = [f for f in files if not part_path(f).is_file()]
     if len(todo) < len(files):
         log.info("skipping %d files done by an earlier run", len(files) - len(todo))
@@ -186,7 +202,6 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
     start = time.perf_counter()
     from pneumo.progress import track
 
-    seen_ids: dict[str, str] = {}
     for batch in track(loader, len(loader), "predicting"):
         good = [item for item in batch if item.error is None]
         for item in batch:
@@ -198,10 +213,6 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
                                                  [item.meta for item in good], tta=tta)
         for i, (item, prob) in enumerate(zip(good, probs)):
             path, pid = Path(item.path), item.patientId
-            if pid in seen_ids:
-                atomic_write_json(part_path(path), {"path": str(path), "error": f"duplicate patientId (also {seen_ids[pid]})"})
-                continue
-            seen_ids[pid] = str(path)
             rows, columns = item.shape
             boxes, conf = predictor.boxes(prob, rows, columns, None if opacity is None else float(opacity[i]))
             if save_images:
@@ -214,14 +225,23 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
     return _assemble(files, part_path, out, predictor, gt, len(todo), seconds)
 
 
+def _printable(text: str) -> str:
+    """text with the bytes of a non-UTF-8 file name (lone surrogates) as backslash escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _assemble(files, part_path, out: Path, predictor: Predictor, gt, n_new: int, seconds: float) -> dict:
     """The final files from the per-image parts, each written atomically."""
-    annotations, submission, errors = {}, ["patientId,PredictionString"], ["path,reason"]
+    annotations, submission = {}, ["patientId,PredictionString"]
+    errors = io.StringIO()
+    error_rows = csv.writer(errors, lineterminator="\n")
+    error_rows.writerow(["path", "reason"])
+    n_errors = 0
     for f in files:
         record = json.loads(part_path(f).read_text())
-        if "error" in record:
-            reason = record["error"].replace('"', "'")
-            errors.append(f'"{record["path"]}","{reason}"')
+        if "error" in record:  # any name the file system allows: quoted by csv, undecodable bytes escaped
+            error_rows.writerow([_printable(record["path"]), _printable(record["error"])])
+            n_errors += 1
             continue
         boxes = record["boxes"]
         annotations[record["patientId"]] = {"image_size": record["image_size"], "boxes": boxes}
@@ -231,9 +251,9 @@ def _assemble(files, part_path, out: Path, predictor: Predictor, gt, n_new: int,
     atomic_write_json(out / "annotations.json", {"model": predictor.name, "postprocess": predictor.settings.to_dict(),
                                                  "images": annotations})
     atomic_write_text(out / "submission.csv", "\n".join(submission) + "\n")
-    atomic_write_text(out / "errors.csv", "\n".join(errors) + "\n")
+    atomic_write_text(out / "errors.csv", errors.getvalue())
     summary = {"n_inputs": len(files), "n_predicted": len(annotations),
-               "n_with_boxes": sum(1 for a in annotations.values() if a["boxes"]), "n_errors": len(errors) - 1,
+               "n_with_boxes": sum(1 for a in annotations.values() if a["boxes"]), "n_errors": n_errors,
                "images_per_second": round(n_new / seconds, 1) if seconds > 0 and n_new else None,
                "out": str(out), "model": predictor.name}
     if gt is not None:

@@ -27,6 +27,7 @@ from pneumo.config import IMAGE_SIZE_RANGE, TrainConfig
 from pneumo.data import (
     CLASS_COLUMNS,
     POSITIVE_CLASS,
+    bad_box_rows,
     dicom_files,
     layout,
     read_csv,
@@ -39,6 +40,7 @@ from pneumo.io import atomic_dir, atomic_write_json
 log = logging.getLogger(__name__)
 
 PREPARE_VERSION = 1  # bump when the cache format or decoding changes: it renames every cache
+PREPARED_FILES = {"features.csv", "boxes.csv", "images.npy", "skipped.csv", "manifest.json"}
 
 
 def outputs_root() -> Path:
@@ -85,7 +87,14 @@ def _labels_and_classes(lay):
 
     labels = read_labels_table(lay.labels)
     labels = labels[labels["patientId"].notna()].drop_duplicates()
-    labels = labels[labels["patientId"].map(_valid_id)]
+    labels = labels[labels["patientId"].map(_valid_id).astype(bool)]  # bool even when empty: no column pick
+    # a patient with a row validate reports as an error is left out whole, with the reason
+    bad = {labels.at[row, "patientId"]: reason for row, reason in bad_box_rows(labels).items()}
+    for row in labels.index[~labels["Target"].isin([0, 1])]:
+        value = labels.at[row, "Target"]
+        bad.setdefault(labels.at[row, "patientId"],
+                       "labels row with an empty Target" if value != value else f"labels row with Target {value:g}, not 0 or 1")
+    labels = labels[~labels["patientId"].isin(set(bad))]
     target = labels.groupby("patientId")["Target"].max()
     try:
         info = read_csv(lay.class_info, CLASS_COLUMNS).drop_duplicates("patientId").set_index("patientId")["class"]
@@ -96,7 +105,7 @@ def _labels_and_classes(lay):
                      (POSITIVE_CLASS if t == 1 else "Negative")) for pid, t in target.items()}
     boxes = labels.dropna(subset=["x", "y", "width", "height"])
     boxes = boxes[(boxes["Target"] == 1) & (boxes["width"] > 0) & (boxes["height"] > 0)]
-    return target, classes, boxes[["patientId", "x", "y", "width", "height"]].reset_index(drop=True)
+    return target, classes, boxes[["patientId", "x", "y", "width", "height"]].reset_index(drop=True), bad
 
 
 def _valid_id(pid) -> bool:
@@ -152,6 +161,19 @@ def _decode_into(npy: Path, files, image_size: int, workers, client, skipped: li
     return rows
 
 
+def _check_replaceable(out: Path, data_root: Path) -> None:
+    """Refuse an OUT that holds anything but an earlier prepare's files: the rebuild replaces
+    OUT whole, and `--out outputs` or `--out <the data dir>` must not delete what is there."""
+    if out.resolve() == data_root.resolve() or out.resolve() in data_root.resolve().parents:
+        raise DataError(f"{out}: holds the data directory {data_root}; give prepare a new or empty --out")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: is a file, not a directory; give prepare a new or empty --out")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in PREPARED_FILES) if out.is_dir() else []
+    if foreign:
+        raise DataError(f"{out}: holds other data ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}), "
+                        "which prepare would replace; give it a new or empty --out")
+
+
 def open_prepared(path) -> Prepared:
     import pandas as pd
 
@@ -191,13 +213,17 @@ def prepare(data_dir, out=None, image_size: int = TrainConfig.image_size, val_fr
                 return open_prepared(out)
         except (OSError, json.JSONDecodeError):
             pass  # a damaged manifest means rebuild
+    _check_replaceable(out, lay.root)
     start = time.perf_counter()
-    target, classes, boxes = _labels_and_classes(lay)
+    target, classes, boxes, bad_labels = _labels_and_classes(lay)
+    if target.empty:
+        raise DataError(f"{lay.labels}: no labelled rows to prepare ({len(bad_labels)} patients with bad rows)")
     # every file is either decoded or listed in skipped.csv; read_dicom judges the non-.dcm ones
     listing = dicom_files(lay.train_images)
     files = [p for p in listing if p.stem in classes]
     unlabelled = [p for p in listing if p.stem not in classes]
-    skipped = [{"path": str(p), "patientId": p.stem, "reason": "no row in the labels CSV"} for p in unlabelled]
+    skipped = [{"path": str(p), "patientId": p.stem, "reason": bad_labels.get(p.stem, "no row in the labels CSV")}
+               for p in unlabelled]
     with atomic_dir(out) as tmp:
         rows = _decode_into(tmp / "images.npy", files, image_size, workers, client, skipped)
         for row in rows:

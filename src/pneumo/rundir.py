@@ -119,6 +119,13 @@ class RunDir:
             return {}
         return yaml.safe_load(self.config_file.read_text()) or {}
 
+    def changed_parameters(self, current: dict, ignore=frozenset()) -> list[str]:
+        """The keys whose saved value (config.yaml) differs from current's; [] when none is saved."""
+        previous = self.read_config()
+        if not previous:
+            return []
+        return sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k) and k not in ignore)
+
     # ------------------------------------------------------------ status, metrics, failure
 
     def write_status(self, state: str, **fields) -> None:

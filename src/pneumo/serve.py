@@ -8,11 +8,19 @@ GET  /model    the model card
 
 import base64
 import binascii
+import contextlib
 import io
+import json
 import tempfile
 from pathlib import Path
 
-MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a 1024 x 1024 x 16-bit CR is 2 MB; 64 MB leaves room for large detectors
+from pneumo.limits import (
+    MAX_CONCURRENT_DECODES,
+    MAX_CONNECTIONS,
+    MAX_JSON_BODY_BYTES,
+    MAX_MULTIPART_BODY_BYTES,
+    MAX_UPLOAD_BYTES,
+)
 
 
 def create_app(model, threshold: float | None = None, min_box_area: float | None = None):
@@ -28,6 +36,8 @@ def create_app(model, threshold: float | None = None, min_box_area: float | None
     predictor = load_predictor(model, threshold, min_box_area)  # once, at start-up
     _, card = resolve_model(model)
     lock = threading.Lock()  # one forward pass at a time: torch already uses every core
+    # decodes run in the thread pool (40 threads); this bounds how many hold an image at once
+    decodes = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
     app = FastAPI(title="pneumo", description="Pneumonia opacity boxes for chest X-ray DICOMs")
 
     @app.get("/health")
@@ -43,28 +53,57 @@ def create_app(model, threshold: float | None = None, min_box_area: float | None
     async def predict(request: Request, annotated: bool = False):
         data, filename = await read_upload(request)
         # decoding and inference are blocking: run them off the event loop
-        return JSONResponse(await run_in_threadpool(predict_upload, predictor, lock, data, filename, annotated))
+        return JSONResponse(await run_in_threadpool(predict_upload, predictor, lock, data, filename, annotated,
+                                                       decodes))
 
     return app
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, read as it streams in and refused (413) as soon as it passes limit bytes:
+    a chunked body has no Content-Length to check first, and one that lies is caught too."""
+    from fastapi import HTTPException
+
+    too_big = HTTPException(413, f"upload over the {MAX_UPLOAD_BYTES} byte limit (pneumo.limits.MAX_UPLOAD_BYTES)")
+    try:
+        declared = int(request.headers.get("content-length") or 0)
+    except ValueError:
+        raise HTTPException(400, "Content-Length is not a number") from None
+    if declared > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+    return b"".join(chunks)
 
 
 async def read_upload(request) -> tuple[bytes, str]:
     """The DICOM bytes and file name of a request: multipart field `file`, or JSON `dicom_base64`."""
     from fastapi import HTTPException
+    from starlette.requests import Request
 
     content_type = request.headers.get("content-type", "")
-    length = int(request.headers.get("content-length") or 0)
-    if length > MAX_UPLOAD_BYTES + 1024 * 1024:
-        raise HTTPException(413, f"upload of {length} bytes is over the {MAX_UPLOAD_BYTES} byte limit")
     if content_type.startswith("multipart/form-data"):
-        form = await request.form()
-        upload = form.get("file")
-        if upload is None or not hasattr(upload, "read"):
-            raise HTTPException(400, "multipart upload needs a file field named 'file'")
-        return await upload.read(), upload.filename or ""
-    if content_type.startswith("application/json"):
+        body = await read_body(request, MAX_MULTIPART_BODY_BYTES)
+
+        async def replay():  # the form parser reads the capped body, never the socket
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=16)
         try:
-            body = await request.json()
+            upload = form.get("file")
+            if upload is None or not hasattr(upload, "read"):
+                raise HTTPException(400, "multipart upload needs a file field named 'file'")
+            return await upload.read(), upload.filename or ""
+        finally:
+            await form.close()
+    if content_type.startswith("application/json"):
+        raw = await read_body(request, MAX_JSON_BODY_BYTES)
+        try:
+            body = json.loads(raw)
             data = base64.b64decode(body["dicom_base64"], validate=True)
         except (ValueError, KeyError, TypeError, binascii.Error):
             raise HTTPException(400, "JSON body needs 'dicom_base64': the DICOM file in base64") from None
@@ -72,7 +111,7 @@ async def read_upload(request) -> tuple[bytes, str]:
     raise HTTPException(415, "send multipart/form-data with a 'file' field, or JSON with 'dicom_base64'")
 
 
-def predict_upload(predictor, lock, data: bytes, filename: str, annotated: bool) -> dict:
+def predict_upload(predictor, lock, data: bytes, filename: str, annotated: bool, decodes=None) -> dict:
     """One uploaded DICOM through the predictor: the response body (4xx for a bad upload)."""
     from fastapi import HTTPException
 
@@ -84,7 +123,7 @@ def predict_upload(predictor, lock, data: bytes, filename: str, annotated: bool)
     if len(data) > MAX_UPLOAD_BYTES:
         raise HTTPException(413, f"upload of {len(data)} bytes is over the {MAX_UPLOAD_BYTES} byte limit")
     # pydicom reads from a path; a temporary file keeps one reading code path for CLI and service
-    with tempfile.NamedTemporaryFile(suffix=".dcm") as tmp:
+    with decodes or contextlib.nullcontext(), tempfile.NamedTemporaryFile(suffix=".dcm") as tmp:
         tmp.write(data)
         tmp.flush()
         item = decode_file(tmp.name, predictor.image_size, keep_full=annotated)
@@ -108,4 +147,5 @@ def predict_upload(predictor, lock, data: bytes, filename: str, annotated: bool)
 def serve(model, host: str = "127.0.0.1", port: int = 8000, threshold=None, min_box_area=None) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(model, threshold, min_box_area), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(model, threshold, min_box_area), host=host, port=port, log_level="info",
+                limit_concurrency=MAX_CONNECTIONS)

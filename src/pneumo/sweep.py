@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pneumo.config import TrainConfig, read_params_file
+from pneumo.config import EXECUTION_FIELDS, TrainConfig, read_params_file
 from pneumo.errors import ConfigError, PneumoError, SweepError
 from pneumo.executors import make_executor
 from pneumo.io import atomic_write_text
@@ -84,8 +84,9 @@ def load_sweep(path, data_dir=None) -> Sweep:
     if unknown:
         raise SweepError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(SPEC_KEYS))}")
     name = str(spec.get("name") or path.stem)
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
-        raise SweepError(f"{path}: sweep name {name!r} must be letters, digits, '.', '_' or '-' (it names directories)")
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,99}", name):
+        raise SweepError(f"{path}: sweep name {name[:120]!r} must be 1 to 100 letters, digits, '.', '_' or '-' "
+                         "(it names directories)")
     # relative to the working directory, else to the project (the params file's parent folder)
     notebook = Path(spec.get("notebook", "notebooks/02-train.ipynb"))
     if not notebook.is_absolute() and not notebook.exists():
@@ -202,6 +203,11 @@ def sweep(params_file, out="outputs", data_dir=None, max_parallel: int | None = 
     if started and not resume:
         raise SweepError(f"{runs_root}: this sweep has runs already ({len(started)}); "
                          "pass --resume to finish it, or give the sweep another name")
+    for run in started:  # a finished run counts as done only if it trained what the file now asks
+        changed = _changed(run.dir(runs_root), run.params)
+        if changed:
+            raise SweepError(f"{run.dir(runs_root).path}: was started with other parameters ({', '.join(changed)}) "
+                             f"than {params_file} (or --data-dir) now gives; give the sweep another name or --out")
     pending = [r for r in spec.runs if not r.dir(runs_root).finished()]
     executor = make_executor(cluster, max_parallel, cluster_file)
     try:
@@ -241,14 +247,29 @@ def _prepare_once(spec: Sweep, runs: list[Run], out: Path) -> None:
                 log.warning("run %s: %s", run.name, exc)
 
 
+def _changed(run_dir: RunDir, params: dict) -> list[str]:
+    """The parameters a started run saved that differ from params (what would train now)."""
+    return run_dir.changed_parameters(TrainConfig.from_dict(params).to_dict(), EXECUTION_FIELDS)
+
+
+def _marathon_run(runs_root: Path, params: dict) -> Run:
+    """marathon, or marathon-2, -3, ... when the best run or the overrides changed since an earlier
+    marathon: that one is kept, never returned for parameters it did not train."""
+    for n in itertools.count(1):
+        run = Run("marathon" if n == 1 else f"marathon-{n}", params)
+        if not run.dir(runs_root).path.exists() or not _changed(run.dir(runs_root), params):
+            return run
+    raise AssertionError("unreachable")
+
+
 def run_marathon(spec: Sweep, rows: list[dict], out: Path, executor) -> dict:
     """Train the best run's parameters with the marathon overrides, then export the model."""
     best = next((r for r in rows if r["status"] == "done"), None)
     if best is None:
         raise SweepError(f"sweep {spec.name}: no finished run to train longer")
     params = {**next(r.params for r in spec.runs if r.name == best["run"]), **spec.marathon}
-    marathon = Run("marathon", params)
     runs_root = out / "runs" / spec.name
+    marathon = _marathon_run(runs_root, params)
     run_dir = marathon.dir(runs_root)
     if not run_dir.finished():
         print(f"marathon: {best['run']} trained longer ({', '.join(f'{k}={v}' for k, v in spec.marathon.items())})",

@@ -28,12 +28,14 @@ from pneumo.data import (
     TRAIN_LABELS,
 )
 from pneumo.dicom import quiet_pydicom
-from pneumo.io import atomic_file, atomic_write_text
+from pneumo.errors import DataError
+from pneumo.io import atomic_file, atomic_write_json, atomic_write_text
 
 CLASS_P = (0.225, 0.443, 0.332)  # patient-level class mix of the real stage 2 training set
 P_AP = {"Lung Opacity": 0.75, "No Lung Opacity / Not Normal": 0.5, "Normal": 0.3}
 N_BOXES_P = (0.43, 0.54, 0.025, 0.005)  # 1..4 boxes per positive patient, as in the real data
 TEST_LABELS = "stage_2_test_labels.csv"  # synth only: the real test set has no public labels
+SYNTH_MARKER = "pneumo-synth.json"  # says a directory is synth's own, so synth may write into it again
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,12 @@ def make_dataset(out, n_train: int = 400, n_test: int = 60, seed: int = 0, size:
     out = Path(out)
     if size < 64:
         raise ValueError("size must be at least 64 pixels")
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / SYNTH_MARKER).is_file()):
+        # a real download there would get synthetic images beside its own and lose its labels
+        raise DataError(f"{out}: holds other data; synth writes into a new or empty directory or one it wrote")
+    out.mkdir(parents=True, exist_ok=True)
+    # first, so that a synth killed half-way may be run again into its own directory
+    atomic_write_json(out / SYNTH_MARKER, {"n_train": n_train, "n_test": n_test, "seed": seed, "size": size})
     workers = workers or os.cpu_count() or 1
     for sub in (TRAIN_IMAGES, TEST_IMAGES):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -216,3 +224,22 @@ def make_dataset(out, n_train: int = 400, n_test: int = 60, seed: int = 0, size:
     atomic_write_text(out / SAMPLE_SUBMISSION, "\n".join(sample) + "\n")
     counts = {k: sum(c.klass == k for c in train) for k in CLASSES}
     return {"train": n_train, "test": n_test, "classes": counts, "out": str(out)}
+
+
+def write_bomb(source, path, rows: int, columns: int, in_header: bool = True) -> None:
+    """A decompression bomb, for tests and the serve load check: source (a JPEG-Baseline DICOM)
+    with its JPEG frame header made to declare rows x columns, so a few hundred bytes claim an
+    image of gigabytes. in_header=False keeps the DICOM Rows/Columns honest: only the JPEG lies."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    with quiet_pydicom():
+        ds = pydicom.dcmread(source)
+    jpeg = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    sof = jpeg.find(b"\xff\xc0")
+    jpeg[sof + 5:sof + 9] = rows.to_bytes(2, "big") + columns.to_bytes(2, "big")
+    ds.PixelData = encapsulate([bytes(jpeg)])
+    if in_header:
+        ds.Rows, ds.Columns = rows, columns
+    with quiet_pydicom(), atomic_file(path, "wb") as f:
+        ds.save_as(f, enforce_file_format=True)

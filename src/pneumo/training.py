@@ -8,15 +8,12 @@ import os
 import time
 from pathlib import Path
 
-from pneumo.config import TrainConfig
+from pneumo.config import EXECUTION_FIELDS, TrainConfig
 from pneumo.errors import ConfigError, DataError, RunError
 from pneumo.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-
-# How a run executes, not what it trains: a run may resume with other values of these.
-EXECUTION_FIELDS = {"threads", "num_workers", "max_time"}
 
 
 def default_run_dir(config: TrainConfig) -> Path:
@@ -45,13 +42,10 @@ def _check_run_dir(run_dir: RunDir, config: TrainConfig) -> Path | None:
     """The last checkpoint to resume from, None for a fresh run; RunError if run_dir is taken."""
     if run_dir.finished():
         raise RunError(f"{run_dir.path}: a finished run; choose a new run directory")
-    previous, current = run_dir.read_config(), config.to_dict()
-    if previous:
-        changed = sorted(k for k in set(previous) | set(current)
-                         if previous.get(k) != current.get(k) and k not in EXECUTION_FIELDS)
-        if changed:
-            raise RunError(f"{run_dir.path}: holds a run with other parameters ({', '.join(changed)}); "
-                           f"resume it with its own {run_dir.config_file.name} or choose a new run directory")
+    changed = run_dir.changed_parameters(config.to_dict(), EXECUTION_FIELDS)
+    if changed:
+        raise RunError(f"{run_dir.path}: holds a run with other parameters ({', '.join(changed)}); "
+                       f"resume it with its own {run_dir.config_file.name} or choose a new run directory")
     return _resumable_checkpoint(run_dir)
 
 
