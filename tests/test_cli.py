@@ -48,3 +48,50 @@ def test_prepare_defaults_are_the_training_defaults():
     args = build_parser().parse_args(["prepare", "d"])
     default = TrainConfig()
     assert (args.image_size, args.val_fraction, args.seed) == (default.image_size, default.val_fraction, default.seed)
+
+
+def _one_line_error(out, *words):
+    """A user's mistake: exit 1 and exactly one stderr line naming it, never a traceback."""
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert len(lines) == 1 and lines[0].startswith("pneumo: error:") and all(w in lines[0] for w in words), lines
+
+
+def test_careless_paths_and_files_are_one_line_each(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    sub = tmp_path / "sub.csv"
+    sub.write_text("patientId,PredictionString\na,0.9 1 2 3 4\n")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("patientId,x,y,width,height,Target\na,1,2,3,4,1\n")
+    _one_line_error(_run("score", folder, labels), "folder", "directory")
+    _one_line_error(_run("score", sub, folder), "folder", "directory")
+    labels.write_text("patientId,x,y,width,height,Target\na,1e,2,3,4,1\n")
+    _one_line_error(_run("score", sub, labels), "line 2", "column x", "'1e'")
+    labels.write_text("patientId,x,y,width,height,Target\na,1,2,-3,4,1\n")
+    _one_line_error(_run("score", sub, labels), "line 2", "positive")
+    _one_line_error(_run("train", "--params", folder), "folder", "directory")
+    _one_line_error(_run("sweep", folder), "folder", "directory")
+    long_name = tmp_path / "long.yaml"
+    long_name.write_text(f"name: {'a' * 300}\nruns:\n  - {{epochs: 1}}\n")
+    _one_line_error(_run("sweep", long_name), "sweep name", "1 to 100")
+
+
+def test_a_duplicated_label_row_is_one_box(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("patientId,x,y,width,height,Target\na,1,2,30,40,1\na,1,2,30,40,1\n")
+    sub = tmp_path / "sub.csv"
+    sub.write_text("patientId,PredictionString\na,0.9 1 2 30 40\n")
+    out = _run("score", sub, labels, "--json")
+    assert out.returncode == 0 and '"map": 1.0' in out.stdout  # a perfect submission scored 0.5
+
+
+def test_synth_never_writes_into_a_folder_holding_other_data(tmp_path):
+    real = tmp_path / "rsna"
+    real.mkdir()
+    (real / "stage_2_train_labels.csv").write_text("patientId,x,y,width,height,Target\nreal,1,2,3,4,1\n")
+    _one_line_error(_run("synth", real, "--n-train", "3", "--n-test", "1", "--size", "64"), "holds other data")
+    assert "real,1,2,3,4,1" in (real / "stage_2_train_labels.csv").read_text() and len(list(real.iterdir())) == 1
+    own = tmp_path / "synth"
+    for n in (3, 4):  # its own directory it may write again
+        assert _run("synth", own, "--n-train", n, "--n-test", "1", "--size", "64").returncode == 0

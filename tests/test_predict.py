@@ -131,3 +131,25 @@ def test_one_patient_under_two_names_is_one_row_across_reruns(tiny_run, synth_di
     assert len(sub) == 8 and sub["patientId"].is_unique
     errors = pd.read_csv(out / "errors.csv")
     assert summary["n_errors"] == 1 and "duplicate patientId" in errors["reason"][0]
+
+
+def test_careless_predict_arguments_are_one_line_each(tiny_run, synth_dir, tmp_path):
+    import torch
+
+    images = synth_dir / "stage_2_test_images"
+
+    def predict(*args):
+        out = subprocess.run([sys.executable, "-m", "pneumo", "predict", *map(str, args)], capture_output=True, text=True)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 1 and "Traceback" not in out.stderr and len(lines) == 1, out.stderr[-3000:]
+        return lines[0]
+
+    (tmp_path / "a-file").write_text("keep")
+    assert "is a file" in predict(tiny_run, images, "--out", tmp_path / "a-file")
+    assert (tmp_path / "a-file").read_text() == "keep"
+    assert "is a directory" in predict(tiny_run, images, "--out", tmp_path / "p", "--labels", images)
+    assert "between 0 and 1" in predict(tiny_run, images, "--out", tmp_path / "p", "--threshold", "7")
+    ckpt = torch.load(tiny_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"]["config"]["width"] *= 2  # weights that do not fit the config they carry
+    torch.save(ckpt, tmp_path / "mismatch.ckpt")
+    assert "do not fit its config" in predict(tmp_path / "mismatch.ckpt", images, "--out", tmp_path / "p")

@@ -61,6 +61,7 @@ class DicomMeta:
 def quiet_pydicom():
     """Silence pydicom's value warnings: RSNA files store PatientAge as '51' (not the standard
     '051Y'), which pydicom flags on every access; parse_age reads both forms."""
+    _library_logs_at_debug()  # pydicom logs each warning too
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         yield
@@ -77,24 +78,27 @@ def parse_age(value) -> float | None:
     return round(years, 3) if 0 <= years < 150 else None
 
 
-class _ToDebug(logging.Filter):
-    def filter(self, record):
-        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        # propagated records skip the ancestors' level: pass them only where debug logging is on
-        return logging.getLogger("pneumo").isEnabledFor(logging.DEBUG)
+class _AtDebug(logging.Handler):
+    """Hands pydicom's records (its child loggers' too) to the `pneumo.libraries` logger at debug level."""
+
+    def emit(self, record):
+        target = logging.getLogger("pneumo.libraries")
+        if target.isEnabledFor(logging.DEBUG):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            target.handle(record)
 
 
 @cache
 def _library_logs_at_debug() -> None:
     """pydicom logs a traceback on its own stderr handler when one decoder plugin fails and it
     tries the next: a user would see "Traceback" from a run that succeeded. pneumo reports every
-    unusable file itself, so pydicom's records go to the application's logging, at debug level.
-    Done at first use (also in each worker process), not on import."""
+    unusable file itself, so pydicom's records go to pneumo's logging at debug level (shown with
+    -v). Done at first use (also in each worker process), not on import."""
     logger = logging.getLogger("pydicom")
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-    logger.addFilter(_ToDebug())
-    logger.propagate = True
+    logger.addHandler(_AtDebug())
+    logger.propagate = False
 
 
 def _read_dataset(path: Path):
@@ -259,10 +263,12 @@ def read_dicom(path) -> tuple[np.ndarray, DicomMeta]:
     ds = _read_dataset(path)
     try:
         meta = _meta(path, ds)
-        _check_usable(path, ds, meta)
+        with quiet_pydicom():
+            _check_usable(path, ds, meta)
     except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a garbled header value
         raise DicomError(path, f"invalid DICOM header value ({exc})") from None
-    pixels = _decode(path, ds, meta)
+    with quiet_pydicom():  # decoders warn about padding and odd values they cope with
+        pixels = _decode(path, ds, meta)
     if pixels.ndim != 2:
         raise DicomError(path, f"unexpected pixel array shape {pixels.shape}")
     if pixels.shape != (meta.rows, meta.columns):

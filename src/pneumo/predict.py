@@ -107,7 +107,9 @@ def load_predictor(model, threshold: float | None = None, min_box_area: float | 
                    centre=config.head == "centre")
         net.load_state_dict(state)
     except Exception as exc:  # torch raises many types for files that are not pneumo checkpoints
-        raise ModelError(f"{ckpt_path}: not a pneumo checkpoint ({type(exc).__name__}: {exc})") from None
+        detail = " ".join(str(exc).split())  # torch lists every mismatched tensor on its own line
+        raise ModelError(f"{ckpt_path}: not a pneumo checkpoint, or weights that do not fit its config "
+                         f"({type(exc).__name__}: {detail[:300]}{'...' if len(detail) > 300 else ''})") from None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net.to(dev).eval()
     extra = ckpt.get("pneumo", {})
