@@ -26,6 +26,9 @@ LABEL_COLUMNS = ("patientId", *BOX_COLUMNS, "Target")
 CLASS_COLUMNS = ("patientId", "class")
 CLASSES = ("Lung Opacity", "No Lung Opacity / Not Normal", "Normal")
 POSITIVE_CLASS = CLASSES[0]
+# Only an empty cell is missing: pandas' default also reads "NA", "NaN", "null", "None", ... as
+# missing, which would lose a patient whose id is one of them (and ids are file stems).
+CSV_MISSING = {"keep_default_na": False, "na_values": [""]}
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ def read_csv(path, columns) -> pd.DataFrame:  # noqa: F821
     if not path.is_file():
         raise DataError(f"{path}: missing")
     try:
-        df = pd.read_csv(path, dtype={"patientId": str})
+        df = pd.read_csv(path, dtype={"patientId": str}, **CSV_MISSING)
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:

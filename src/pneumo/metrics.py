@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumo.boxes import as_boxes, iou_matrix, parse_prediction_string
+from pneumo.data import CSV_MISSING
 from pneumo.errors import SubmissionError
 
 THRESHOLDS = tuple(np.round(np.arange(0.40, 0.751, 0.05), 2))
@@ -113,7 +114,7 @@ def read_submission(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
     path = Path(path)
     try:
-        df = pd.read_csv(path, dtype={"patientId": str, "PredictionString": str})
+        df = pd.read_csv(path, dtype={"patientId": str, "PredictionString": str}, **CSV_MISSING)
     except FileNotFoundError:
         raise SubmissionError(f"{path}: no such file") from None
     except OSError as exc:  # a directory, no permission

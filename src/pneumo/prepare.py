@@ -26,6 +26,7 @@ from pneumo.boxes import check_patient_id
 from pneumo.config import IMAGE_SIZE_RANGE, TrainConfig
 from pneumo.data import (
     CLASS_COLUMNS,
+    CSV_MISSING,
     POSITIVE_CLASS,
     bad_box_rows,
     dicom_files,
@@ -182,8 +183,8 @@ def open_prepared(path) -> Prepared:
     if not manifest_path.is_file():
         raise DataError(f"{root}: not a finished prepare directory (no manifest.json)")
     manifest = json.loads(manifest_path.read_text())
-    features = pd.read_csv(root / "features.csv", dtype={"patientId": str})
-    boxes = pd.read_csv(root / "boxes.csv", dtype={"patientId": str})
+    features = pd.read_csv(root / "features.csv", dtype={"patientId": str}, **CSV_MISSING)
+    boxes = pd.read_csv(root / "boxes.csv", dtype={"patientId": str}, **CSV_MISSING)
     return Prepared(root, manifest, features, boxes)
 
 

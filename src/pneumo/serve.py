@@ -96,7 +96,7 @@ async def read_upload(request) -> tuple[bytes, str]:
         try:
             upload = form.get("file")
             if upload is None or not hasattr(upload, "read"):
-                raise HTTPException(400, "multipart upload needs a file field named 'file'")
+                raise HTTPException(400, "multipart upload needs a file part named 'file', with a filename")
             return await upload.read(), upload.filename or ""
         finally:
             await form.close()
