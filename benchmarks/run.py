@@ -2,7 +2,7 @@
 same run and writes outputs/bench/<name>.json with the figures and the command that made them.
 
     nox -s bench                      # all of these (synthetic data, a few minutes)
-    nox -s bench -- score loader      # some of: score prepare startup loader train predict sweep
+    nox -s bench -- score loader      # some of: score prepare startup loader train predict sweep serve
     nox -s bench -- real [--data-dir DIR] [--profile NAME] [-p key=value ...] [--splits N] [--label NAME]
 
 `real` (benchmarks/real.py) is the real-data benchmark that decides model changes: it trains a
@@ -345,8 +345,16 @@ def bench_sweep():
                             "runs_detail": records})
 
 
+def bench_serve():
+    """pneumo serve under 16 clients mixing good, bad, truncated, bomb and large uploads (serve_load.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import serve_load
+
+    return record("serve", serve_load.run_load(OUT / "serve"))
+
+
 BENCHES = {"score": bench_score, "prepare": bench_prepare, "startup": bench_startup, "loader": bench_loader,
-           "train": bench_train, "predict": bench_predict, "sweep": bench_sweep}
+           "train": bench_train, "predict": bench_predict, "sweep": bench_sweep, "serve": bench_serve}
 
 
 def main(argv: list[str]) -> int:
