@@ -4,7 +4,8 @@ outputs/runs/<sweep>/<run>/ (or wherever `pneumo train --out` points) holds:
 
     config.yaml          the TrainConfig of the run
     status.json          live progress: state, epoch, epochs, val_map (written by training)
-    metrics.json         the final record; status "finished" marks a finished run
+    metrics.json         the final record; status "finished" marks a finished run, "pruned" a
+                         search trial its study stopped early (at an epoch boundary)
     failed.json          written by the executor when the run's process failed
     process.json         the papermill process's seconds and return code
     threads              a CPU thread share handed over by a sweep when other runs end
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from pneumo.io import atomic_write_json, atomic_write_text
 
-STATES = ("done", "failed", "interrupted", "running", "starting", "pending")
+STATES = ("done", "pruned", "failed", "interrupted", "running", "starting", "pending")
 
 
 def read_json(path) -> dict:
@@ -133,8 +134,8 @@ class RunDir:
     def metrics(self) -> dict:
         return read_json(self.metrics_file)
 
-    def write_process(self, seconds: float, returncode: int) -> None:
-        atomic_write_json(self.process_file, {"seconds": round(seconds, 2), "returncode": returncode})
+    def write_process(self, seconds: float, returncode: int, **fields) -> None:
+        atomic_write_json(self.process_file, {"seconds": round(seconds, 2), "returncode": returncode, **fields})
 
     def process(self) -> dict:
         return read_json(self.process_file)
@@ -149,10 +150,20 @@ class RunDir:
         """True once training wrote its final metrics: a finished run is never trained again."""
         return self.metrics().get("status") == "finished"
 
+    def pruned(self) -> bool:
+        """True once a search's pruner stopped the run: it ended early, by decision, not by failure."""
+        return self.metrics().get("status") == "pruned"
+
+    def ended(self) -> bool:
+        """Finished or pruned: either way the run is never trained again."""
+        return self.metrics().get("status") in ("finished", "pruned")
+
     def state(self) -> str:
-        """done, failed, interrupted, running, starting or pending; from what the run left on disk."""
+        """done, pruned, failed, interrupted, running, starting or pending; from what the run left on disk."""
         if self.finished():
             return "done"
+        if self.pruned():
+            return "pruned"
         if self.failed_file.is_file():
             return "failed"
         if self.status_file.is_file():
