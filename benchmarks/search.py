@@ -5,7 +5,7 @@
 
 Writes outputs/bench/search.json: per search the best val mAP, the sum of the epochs trained
 over all trials, wall time, the children's CPU seconds, and the load average around it (the
-machine may be shared). Sized for a small CPU machine: 64 px images, a 4-channel UNet of depth
+machine may be shared). Sized for a small CPU machine: 64 px images, an 8-channel UNet of depth
 3, 9 epochs per trial (ASHA rungs at epochs 1, 3 and 9), 240 training images.
 """
 
@@ -25,7 +25,7 @@ from run import OUT, dataset, record  # noqa: E402
 
 SPACE = {"lr": {"low": 3e-4, "high": 3e-2, "log": True}, "optimizer": ["adam", "adamw", "sgd"],
          "weight_decay": {"low": 1e-6, "high": 1e-2, "log": True}}
-BASE = {"image_size": 64, "depth": 3, "width": 4, "batch_size": 16, "n_val_images": 0, "save_images": False,
+BASE = {"image_size": 64, "depth": 3, "width": 8, "batch_size": 16, "n_val_images": 0, "save_images": False,
         "scheduler": "cosine", "postprocess": "threshold"}
 
 

@@ -77,6 +77,8 @@ class TrialReport(L.Callback):
         # holds are reported to the new trial (Optuna ignores, with a warning, steps it has).
         import warnings
 
+        if trainer.current_epoch:  # restored from a checkpoint: say so where the study shows it
+            self.trial.set_user_attr("resumed_at_epoch", trainer.current_epoch)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for record in self.recorder.history:
