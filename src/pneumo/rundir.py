@@ -150,20 +150,15 @@ class RunDir:
         """True once training wrote its final metrics: a finished run is never trained again."""
         return self.metrics().get("status") == "finished"
 
-    def pruned(self) -> bool:
-        """True once a search's pruner stopped the run: it ended early, by decision, not by failure."""
-        return self.metrics().get("status") == "pruned"
-
     def ended(self) -> bool:
-        """Finished or pruned: either way the run is never trained again."""
+        """Finished, or pruned (a search's pruner stopped it early): never trained again."""
         return self.metrics().get("status") in ("finished", "pruned")
 
     def state(self) -> str:
         """done, pruned, failed, interrupted, running, starting or pending; from what the run left on disk."""
-        if self.finished():
-            return "done"
-        if self.pruned():
-            return "pruned"
+        ended = self.metrics().get("status")
+        if ended in ("finished", "pruned"):
+            return "done" if ended == "finished" else "pruned"
         if self.failed_file.is_file():
             return "failed"
         if self.status_file.is_file():
