@@ -88,6 +88,11 @@ def test_a_sweep_file_with_search_is_validated_before_anything_runs(tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
+def test_shipped_search_file_validates():
+    sweep = load_sweep(ROOT / "params" / "search.yaml")
+    assert sweep.search.pruner["type"] == "asha" and sweep.search.trials >= 8 and sweep.marathon
+
+
 def _mixed_seed(spec, n: int) -> int:
     """A seed whose first n random trials draw both data_dir choices (the sampler is deterministic)."""
     import optuna
@@ -127,6 +132,14 @@ def test_four_trial_search_prunes_and_records_a_failing_trial(tmp_path, synth_di
         assert metrics["pruned_at_epoch"] == 1 == metrics["epochs_done"] and list(trial.intermediate_values) == [1]
         assert trial.intermediate_values[1] == metrics["history"][0]["val_map"]
         assert run.last_checkpoint.is_file() and run.notebook.is_file() and (run.path / "tensorboard").is_dir()
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    mux = EventMultiplexer()
+    mux.AddRunsFromDirectory(str(out / "runs" / "p"))
+    mux.Reload()
+    hparams = mux.PluginRunToTagToContent("hparams")
+    assert {f"trial-{t.number:03d}/tensorboard" for t in trials if t.state == TrialState.PRUNED} <= {
+        r for r, tags in hparams.items() if "_hparams_/session_start_info" in tags}  # HParams lists pruned trials
     summary = (out / "sweeps" / "p" / "summary.csv").read_text()
     assert summary.count(",pruned,") == sum(t.state == TrialState.PRUNED for t in trials) >= 1
     assert summary.count(",failed,") == sum(t.state == TrialState.FAIL for t in trials) >= 1
@@ -138,7 +151,7 @@ def test_four_trial_search_prunes_and_records_a_failing_trial(tmp_path, synth_di
 def test_a_killed_search_resumes_with_no_trial_lost_or_run_twice(tmp_path, synth_dir):
     search = {"params": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}, "trials": 2, "sampler": "random"}
     path = _write(tmp_path, {"name": "k", "notebook": NOTEBOOK, "base": {"data_dir": str(synth_dir), "epochs": 30, **TINY},
-                             "search": search})
+                             "search": search, "marathon": {"epochs": 2}})
     out = tmp_path / "outputs"
     env = {**os.environ, "PNEUMO_NO_PROGRESS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "pneumo", "sweep", str(path), "--out", str(out), "--max-parallel", "1"],
@@ -154,13 +167,15 @@ def test_a_killed_search_resumes_with_no_trial_lost_or_run_twice(tmp_path, synth
 
     assert [t.state for t in _study(out, "k").trials] == [TrialState.RUNNING]
     assert not first.ended()
-    again = _sweep(path, "--out", out, "--resume", cwd=tmp_path)
+    again = _sweep(path, "--out", out, "--resume", "--marathon", cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
     trials = _study(out, "k").trials
     # trial 0 went stale and was enqueued again as trial 1 with its parameters; trial 2 is new
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert trials[1].params == trials[0].params and trials[1].system_attrs.get("failed_trial") == 0
-    assert sorted(p.name for p in (out / "runs" / "k").iterdir()) == ["trial-000", "trial-002"]
+    assert sorted(p.name for p in (out / "runs" / "k").iterdir()) == ["marathon", "trial-000", "trial-002"]
+    best = max(trials[1:], key=lambda t: t.value)  # the marathon trains the best trial
+    assert yaml.safe_load((out / "runs" / "k" / "marathon" / "config.yaml").read_text())["lr"] == best.params["lr"]
     resumed = first.metrics()
     assert [h["epoch"] for h in resumed["history"]] == list(range(1, 31))  # every epoch once
     assert first.log.read_text().count("papermill trial-000") == 2

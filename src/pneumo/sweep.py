@@ -250,20 +250,20 @@ def sweep(params_file, out="outputs", data_dir=None, max_parallel: int | None = 
 
 def _run_search(spec: Sweep, executor, out: Path, storage: str | None, resume: bool) -> None:
     """Trials of the study as slots free up (pneumo.search); spec.runs becomes the study's runs."""
-    from pneumo.search import TrialSource, data_variants, default_storage, open_study, shown_url, study_runs
+    from pneumo import search
 
-    url = storage or default_storage(out / "sweeps", spec.name)
-    study, store = open_study(spec.name, spec.search, url, resume)
-    source = TrialSource(study, store, spec.search, spec.base, url, Run)
+    url = storage or search.default_storage(out / "sweeps", spec.name)
+    study, store = search.open_study(spec.name, spec.search, url, resume)
+    source = search.TrialSource(study, store, spec.search, spec.base, url, Run)
     print(f"search {spec.name}: {spec.search.trials} trials ({source.started()} started), sampler "
-          f"{spec.search.sampler}, pruner {spec.search.pruner['type']}, study {shown_url(url)}; "
+          f"{spec.search.sampler}, pruner {spec.search.pruner['type']}, study {search.shown_url(url)}; "
           f"{executor.describe()}", flush=True)
-    _prepare_once(spec, [Run("base", params) for params in data_variants(spec.search, spec.base)], out)
+    _prepare_once(spec, [Run("base", params) for params in search.data_variants(spec.search, spec.base)], out)
     try:
         executor.stream(spec.notebook, source, out / "runs" / spec.name)
     finally:
         source.close()
-    spec.runs = study_runs(study, spec.base, Run)
+    spec.runs = search.study_runs(study, spec.base, Run)
 
 
 def _prepare_once(spec: Sweep, runs: list[Run], out: Path) -> None:
