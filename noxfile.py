@@ -2,20 +2,55 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import subprocess
+import sys
 
 import nox
 
 nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_existing_virtualenvs = True
+# uv installs several times faster than pip (parallel downloads, no per-package resolver
+# rounds); where it is missing, nox falls back to virtualenv and pip.
+nox.options.default_venv_backend = "uv|virtualenv"
 
 # Installed before anything that depends on torch: on a CPU machine this picks the local CPU
 # wheel; resolved later (as lightning's dependency) it would pull a multi-GB CUDA build.
 TORCH = os.environ.get("PNEUMO_TORCH", "torch==2.13.0")
 
 
+def _pip_find_links() -> list[str]:
+    """The local wheel folders pip is configured with (pip config, PIP_FIND_LINKS): uv reads none of it."""
+    folders = os.environ.get("PIP_FIND_LINKS", "").split()
+    try:
+        listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                                timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        listed = ""
+    for line in listed.splitlines():
+        key, _, value = line.partition("=")
+        if key.endswith("find-links"):
+            folders += value.strip().strip("'\"").split()
+    return [f.removeprefix("file://") for f in folders]
+
+
+def _torch_requirement(session: nox.Session) -> str:
+    """TORCH, or under uv the local wheel pip would have taken for it: uv does not look in pip's
+    folders and would download the multi-GB CUDA build of the same version instead."""
+    name, _, version = TORCH.partition("==")
+    if session.venv_backend != "uv" or name != "torch" or not version:
+        return TORCH
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"  # the session's python is nox's own
+    for folder in _pip_find_links():
+        wheels = sorted(glob.glob(os.path.join(folder, f"torch-{version}[+-]*{tag}-{tag}-*.whl")))
+        if wheels:
+            return wheels[0]
+    return TORCH
+
+
 def install(session: nox.Session, extras: str = "dev") -> None:
-    session.install(TORCH)
+    session.install(_torch_requirement(session))
     session.install("-e", f".[{extras}]" if extras else ".")
 
 

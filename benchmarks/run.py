@@ -4,6 +4,7 @@ same run and writes outputs/bench/<name>.json with the figures and the command t
     nox -s bench                      # all of these (synthetic data, a few minutes)
     nox -s bench -- score loader      # some of: score prepare startup loader train predict sweep serve
     nox -s bench -- real [--data-dir DIR] [--profile NAME] [-p key=value ...] [--splits N] [--label NAME]
+    nox -s bench -- search [--trials N] [--epochs E]   # ASHA vs no pruning (benchmarks/search.py)
 
 `real` (benchmarks/real.py) is the real-data benchmark that decides model changes: it trains a
 profile on several patient splits of the real RSNA data (default ../shared/rsna-real) and writes
@@ -363,6 +364,11 @@ def main(argv: list[str]) -> int:
         import real
 
         return real.main(argv[1:])
+    if argv and argv[0] == "search":  # Optuna searches with and without pruning: minutes, named alone
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import search
+
+        return search.main(argv[1:])
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0

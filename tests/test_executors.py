@@ -174,3 +174,41 @@ def test_a_task_dask_gave_up_on_is_a_failed_run(tmp_path):
         results = DaskExecutor(client, owns_client=False)._collect({future: run}, tmp_path, StatusBoard([run], tmp_path))
     assert results["01-adam"]["state"] == "failed" and "worker lost" in results["01-adam"]["error"]
     assert RunDir(tmp_path / "01-adam").state() == "failed"  # --resume runs it again
+
+
+@pytest.mark.slow
+def test_dask_stream_hands_each_freed_worker_the_next_run_and_reports_back(tmp_path):
+    """What a search needs of a cluster: runs asked for one at a time as workers free up."""
+    import nbformat
+    from distributed import Client, LocalCluster
+
+    from pneumo.executors import DaskExecutor, ListSource
+    from pneumo.sweep import Run
+
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('run_dir = ""')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(
+        "from pneumo.rundir import RunDir\nRunDir(run_dir).write_metrics({'status': 'finished'})")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    notebook = tmp_path / "tiny.ipynb"
+    nbformat.write(nb, notebook)
+
+    class Recording(ListSource):
+        asked, told = 0, []
+
+        def next(self):
+            self.asked += 1
+            return super().next()
+
+        def done(self, run, record, run_dir):
+            self.told.append((run.name, record["state"], run_dir.state()))
+
+    source = Recording([Run(f"r{i}", {}) for i in range(3)])
+    runs_root = tmp_path / "outputs" / "runs" / "s"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        records = DaskExecutor(client, owns_client=False).stream(notebook, source, runs_root)
+    assert sorted(r["run"] for r in records) == ["r0", "r1", "r2"]
+    assert sorted(source.told) == [(f"r{i}", "done", "done") for i in range(3)]
+    assert source.asked == 5  # two at first (one per worker), then one as each of the three ended

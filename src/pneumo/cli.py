@@ -104,7 +104,8 @@ def cmd_sweep(args) -> int:
         print(load_sweep(args.params).name)
         return 0
     result = sweep(args.params, out=args.out, data_dir=args.data_dir, max_parallel=args.max_parallel,
-                   resume=args.resume, marathon=args.marathon, cluster=args.cluster, cluster_file=args.cluster_file)
+                   resume=args.resume, marathon=args.marathon, cluster=args.cluster, cluster_file=args.cluster_file,
+                   storage=args.storage)
     print(f"summary: {result['summary']}\ncompare runs: tensorboard --logdir {result['runs_dir']}")
     if result.get("model"):
         print(f"model: {result['model']} (marathon val mAP {result['marathon_val_map']:.4f})")
@@ -197,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="finish the runs that are not done")
     p.add_argument("--marathon", action="store_true", help="then train the best run longer into a model")
     p.add_argument("--print-name", action="store_true", help="only check the sweep file and print its name")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="a search's Optuna study: SQLAlchemy URL (default sqlite:///<out>/sweeps/<name>/study.db)")
     _add_cluster_options(p, "run")
     p.set_defaults(func=cmd_sweep)
 

@@ -8,7 +8,6 @@ the same outputs/runs/<sweep>/ layout either way. Scheduling beyond one machine 
 
 from __future__ import annotations
 
-import queue
 import sys
 import threading
 import time
@@ -20,6 +19,19 @@ from pneumo.rundir import RunDir
 from pneumo.runner import execute_run
 from pneumo.slots import Slot, slots, visible_gpus
 from pneumo.statusboard import StatusBoard
+
+
+class ListSource:
+    """Runs handed out in their order (a runs: / grid: sweep); a search has its own source."""
+
+    def __init__(self, runs):
+        self.runs = list(runs)
+
+    def next(self):
+        return self.runs.pop(0) if self.runs else None
+
+    def done(self, run, record: dict, run_dir: RunDir) -> None:
+        pass
 
 
 class LocalExecutor:
@@ -43,37 +55,43 @@ class LocalExecutor:
         return LocalExecutor([Slot(self.slots[0].gpu, self.cores)])
 
     def run(self, notebook: Path, runs, runs_root: Path) -> list[dict]:
-        """Ctrl-C stops every run and leaves them resumable."""
-        free: queue.Queue = queue.Queue()
-        for slot in self.slots:
-            free.put(slot)
-        stop = threading.Event()
-        board = StatusBoard(runs, runs_root)
-        results: dict[str, dict] = {}
-        lock = threading.Lock()
+        """The runs of a list, in its order; Ctrl-C stops every run and leaves them resumable."""
+        source = ListSource(runs)
+        results = {r["run"]: r for r in self.stream(notebook, source, runs_root)}
+        return [results.get(r.name, {"run": r.name, "state": "interrupted"}) for r in runs]
+
+    def stream(self, notebook: Path, source, runs_root: Path) -> list[dict]:
+        """Each slot takes its next run from source (source.next(), None when there is no more)
+        the moment it is free, and hands back the outcome (source.done): a search asks its study
+        for a trial then. Returns the records of the runs that ended. Ctrl-C stops every run."""
+        stop, lock, board = threading.Event(), threading.Lock(), StatusBoard([], runs_root)
+        results: list[dict] = []
         running: set = set()
-        waiting = [len(runs)]
+        errors: list[BaseException] = []
 
-        def worker(run):
-            slot = free.get()
+        def slot_worker(slot):
             try:
-                if stop.is_set():
-                    return
-                with lock:
-                    waiting[0] -= 1
-                    running.add(run.name)
-                    board.update(run.name, "running")
-                result = execute_run(notebook, run, RunDir(runs_root / run.name), slot, stop)
-                with lock:
-                    running.discard(run.name)
-                    results[run.name] = result
-                    board.update(run.name, result["state"])
-                    if not waiting[0]:
-                        self._share_freed_cores(running, runs_root)
-            finally:
-                free.put(slot)
+                while not stop.is_set():
+                    with lock:
+                        run = source.next()
+                        if run is None:  # nothing left to start: the runs still going get the cores
+                            self._share_freed_cores(running, runs_root)
+                            return
+                        running.add(run.name)
+                        board.add(run)
+                        board.update(run.name, "running")
+                    run_dir = RunDir(runs_root / run.name)
+                    result = execute_run(notebook, run, run_dir, slot, stop)
+                    with lock:
+                        running.discard(run.name)
+                        results.append(result)
+                        board.update(run.name, result["state"])
+                        source.done(run, result, run_dir)
+            except BaseException as exc:  # the source's own failure (a database gone): stop the sweep
+                errors.append(exc)
+                stop.set()
 
-        threads = [threading.Thread(target=worker, args=(r,), daemon=True) for r in runs]
+        threads = [threading.Thread(target=slot_worker, args=(slot,), daemon=True) for slot in self.slots]
         for t in threads:
             t.start()
         try:
@@ -89,7 +107,9 @@ class LocalExecutor:
             raise
         finally:
             board.close()
-        return [results.get(r.name, {"run": r.name, "state": "interrupted"}) for r in runs]
+        if errors:
+            raise errors[0]
+        return results
 
     def _share_freed_cores(self, running: set, runs_root: Path) -> None:
         """Nothing left to start: split the cores among the runs still going. Each picks up its
@@ -168,16 +188,58 @@ class DaskExecutor:
         while not pending.is_empty():
             for future in pending.next_batch(block=False) or []:
                 run = futures[future]
-                try:
-                    record = future.result()
-                except Exception as exc:  # KilledWorker after repeated worker loss, or a lost task
-                    error = f"{type(exc).__name__}: {exc}"
-                    RunDir(runs_root / run.name).mark_failed(error)
-                    record = {"run": run.name, "state": "failed", "seconds": 0.0, "error": error}
+                record = self._record(future, run, runs_root)
                 results[run.name] = record
                 board.update(run.name, record["state"])
             time.sleep(1.0)
             board.update()
+        return results
+
+    @staticmethod
+    def _record(future, run, runs_root: Path) -> dict:
+        try:
+            return future.result()
+        except Exception as exc:  # KilledWorker after repeated worker loss, or a lost task
+            error = f"{type(exc).__name__}: {exc}"
+            RunDir(runs_root / run.name).mark_failed(error)
+            return {"run": run.name, "state": "failed", "seconds": 0.0, "error": error}
+
+    def stream(self, notebook: Path, source, runs_root: Path) -> list[dict]:
+        """As many runs at once as the cluster has workers, each ended run making room for the
+        next one source gives (a search's next trial); returns the records of the runs that ended."""
+        from distributed import as_completed
+
+        gpu = self._gpu_workers()
+        width = max(1, len(self.client.scheduler_info().get("workers", {})))
+        board, futures, results = StatusBoard([], runs_root), {}, []
+        pending = as_completed([], with_results=False)
+
+        def submit() -> bool:
+            run = source.next()
+            if run is not None:
+                board.add(run)
+                board.update(run.name, "running")
+                future = self._submit(notebook, run, runs_root, gpu)
+                futures[future] = run
+                pending.add(future)
+            return run is not None
+
+        try:
+            while len(futures) < width and submit():
+                pass
+            for future in pending:
+                run = futures.pop(future)
+                record = self._record(future, run, runs_root)
+                results.append(record)
+                board.update(run.name, record["state"])
+                source.done(run, record, RunDir(runs_root / run.name))
+                submit()
+        except KeyboardInterrupt:
+            print("\ncancelling the cluster's runs (they resume with --resume) ...", file=sys.stderr, flush=True)
+            self.client.cancel(list(futures))
+            raise
+        finally:
+            board.close()
         return results
 
     def close(self) -> None:

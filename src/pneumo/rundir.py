@@ -4,7 +4,8 @@ outputs/runs/<sweep>/<run>/ (or wherever `pneumo train --out` points) holds:
 
     config.yaml          the TrainConfig of the run
     status.json          live progress: state, epoch, epochs, val_map (written by training)
-    metrics.json         the final record; status "finished" marks a finished run
+    metrics.json         the final record; status "finished" marks a finished run, "pruned" a
+                         search trial its study stopped early (at an epoch boundary)
     failed.json          written by the executor when the run's process failed
     process.json         the papermill process's seconds and return code
     threads              a CPU thread share handed over by a sweep when other runs end
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from pneumo.io import atomic_write_json, atomic_write_text
 
-STATES = ("done", "failed", "interrupted", "running", "starting", "pending")
+STATES = ("done", "pruned", "failed", "interrupted", "running", "starting", "pending")
 
 
 def read_json(path) -> dict:
@@ -140,8 +141,8 @@ class RunDir:
     def metrics(self) -> dict:
         return read_json(self.metrics_file)
 
-    def write_process(self, seconds: float, returncode: int) -> None:
-        atomic_write_json(self.process_file, {"seconds": round(seconds, 2), "returncode": returncode})
+    def write_process(self, seconds: float, returncode: int, **fields) -> None:
+        atomic_write_json(self.process_file, {"seconds": round(seconds, 2), "returncode": returncode, **fields})
 
     def process(self) -> dict:
         return read_json(self.process_file)
@@ -156,10 +157,15 @@ class RunDir:
         """True once training wrote its final metrics: a finished run is never trained again."""
         return self.metrics().get("status") == "finished"
 
+    def ended(self) -> bool:
+        """Finished, or pruned (a search's pruner stopped it early): never trained again."""
+        return self.metrics().get("status") in ("finished", "pruned")
+
     def state(self) -> str:
-        """done, failed, interrupted, running, starting or pending; from what the run left on disk."""
-        if self.finished():
-            return "done"
+        """done, pruned, failed, interrupted, running, starting or pending; from what the run left on disk."""
+        ended = self.metrics().get("status")
+        if ended in ("finished", "pruned"):
+            return "done" if ended == "finished" else "pruned"
         if self.failed_file.is_file():
             return "failed"
         if self.status_file.is_file():

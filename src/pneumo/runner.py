@@ -17,6 +17,12 @@ from pneumo.rundir import RunDir
 from pneumo.slots import Slot
 
 _EXCEPTION_LINE = re.compile(r"^[A-Z][\w.]*(Error|Exception|Diverged|Interrupt|Exit)\w*: .+")
+# A kernel that never came up (papermill issues 239 and 511: a port taken between choosing and
+# binding, a start timeout on a loaded machine): the run is started again, at most this often.
+KERNEL_START_ATTEMPTS = 3
+_KERNEL_START_FAILED = re.compile(r"Kernel died before replying to kernel_info|Kernel didn't respond in \d+ seconds"
+                                  r"|Address already in use|Kernel failed to start|kernel_info_reply")
+_CELL_STARTED = "Executing Cell "  # papermill's --log-output line as each cell starts
 
 
 def papermill_command(notebook: Path, run_dir: RunDir, start_timeout: int = 300) -> list[str]:
@@ -39,7 +45,32 @@ def execute_run(notebook: Path, run, run_dir: RunDir, slot: Slot | None, stop: t
     atomic_write_text(run_dir.papermill_params, yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, **(slot.environment() if slot else {}), "PNEUMO_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
     env["PNEUMO_OUTPUTS"] = str(run_dir.path.parents[2].resolve())  # <out>/runs/<sweep>/<run>: caches in <out>/data
+    env.update(getattr(run, "env", None) or {})  # a search trial: where its study is
     start = time.perf_counter()
+    for attempt in range(1, KERNEL_START_ATTEMPTS + 1):
+        offset = run_dir.log.stat().st_size if run_dir.log.is_file() else 0
+        returncode = _papermill(notebook, run, run_dir, env, stop)
+        if returncode is None:
+            return {"run": run.name, "state": "interrupted", "seconds": time.perf_counter() - start}
+        if returncode == 0 or not _kernel_did_not_start(run_dir.log, offset) or attempt == KERNEL_START_ATTEMPTS:
+            break
+        with open(run_dir.log, "a") as logfile:
+            logfile.write(f"=== the kernel did not start (attempt {attempt} of {KERNEL_START_ATTEMPTS}); starting again\n")
+    seconds = time.perf_counter() - start
+    run_dir.write_process(seconds, returncode, kernel_starts=attempt)
+    if returncode == 0 and run_dir.ended():
+        return {"run": run.name, "state": run_dir.state(), "seconds": seconds}
+    error = _last_error(run_dir.log)
+    if "DeadKernelError" in error:
+        error = f"the kernel was killed (out of memory, or a signal such as SIGKILL) while running: {error}"
+    elif _kernel_did_not_start(run_dir.log, offset):
+        error = f"the kernel did not start in {attempt} attempts: {error}"
+    run_dir.mark_failed(error, returncode=returncode, notebook=str(run_dir.notebook))
+    return {"run": run.name, "state": "failed", "seconds": seconds, "error": error}
+
+
+def _papermill(notebook: Path, run, run_dir: RunDir, env: dict, stop: threading.Event) -> int | None:
+    """One papermill process; its return code, None when stopped."""
     with open(run_dir.log, "ab") as logfile:
         logfile.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} papermill {run.name} "
                       f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')!r})\n".encode())
@@ -49,14 +80,16 @@ def execute_run(notebook: Path, run, run_dir: RunDir, slot: Slot | None, stop: t
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                 preexec_fn=_die_with_parent)
         if _wait_or_stop(proc, stop):
-            return {"run": run.name, "state": "interrupted", "seconds": time.perf_counter() - start}
-    seconds = time.perf_counter() - start
-    run_dir.write_process(seconds, proc.returncode)
-    if proc.returncode == 0 and run_dir.finished():
-        return {"run": run.name, "state": "done", "seconds": seconds}
-    error = _last_error(run_dir.log)
-    run_dir.mark_failed(error, returncode=proc.returncode, notebook=str(run_dir.notebook))
-    return {"run": run.name, "state": "failed", "seconds": seconds, "error": error}
+            return None
+    return proc.returncode
+
+
+def _kernel_did_not_start(log_path: Path, offset: int) -> bool:
+    """This attempt's log (from offset) says the kernel never came up and no cell ran."""
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    return _CELL_STARTED not in text and bool(_KERNEL_START_FAILED.search(text))
 
 
 def _wait_or_stop(proc: subprocess.Popen, stop: threading.Event) -> bool:

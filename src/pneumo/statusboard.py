@@ -14,7 +14,7 @@ class StatusBoard:
     """Live on a terminal, else a line per change (what CI logs and nox show)."""
 
     def __init__(self, runs, runs_root: Path):
-        self.runs, self.runs_root = runs, runs_root
+        self.runs, self.runs_root = list(runs), runs_root
         self.state = {r.name: "queued" for r in runs}
         self.last_printed = {}
         self.live = None
@@ -23,6 +23,12 @@ class StatusBoard:
 
             self.live = Live(self._table(), refresh_per_second=2, transient=False)
             self.live.start()
+
+    def add(self, run) -> None:
+        """A run that joined after the board started (a search's next trial)."""
+        if run.name not in self.state:
+            self.runs.append(run)
+            self.state[run.name] = "queued"
 
     def line(self, name: str) -> str:
         state, run_dir = self.state[name], RunDir(self.runs_root / name)
@@ -35,6 +41,8 @@ class StatusBoard:
             return "running (starting kernel)"
         if state == "done":
             return f"done  best val mAP {run_dir.metrics().get('best_val_map') or 0:.4f}"
+        if state == "pruned":
+            return f"pruned at epoch {run_dir.metrics().get('pruned_at_epoch')}  best val mAP {run_dir.metrics().get('best_val_map') or 0:.4f}"
         if state == "failed":
             return f"FAILED  {run_dir.failure().get('error', '')[:100]}"
         return state

@@ -27,13 +27,14 @@ from pneumo.rundir import RunDir
 log = logging.getLogger(__name__)
 
 NOTEBOOK_ONLY_PARAMETERS = {"run_dir"}  # set by the sweep, not a TrainConfig field
-SPEC_KEYS = {"name", "notebook", "base", "runs", "grid", "marathon"}
+SPEC_KEYS = {"name", "notebook", "base", "runs", "grid", "search", "marathon"}
 
 
 @dataclass
 class Run:
     name: str
     params: dict  # TrainConfig values: base + this run's entry
+    env: dict = field(default_factory=dict)  # for the run's process: a search trial's study
 
     def dir(self, runs_root: Path) -> RunDir:
         return RunDir(runs_root / self.name)
@@ -46,6 +47,7 @@ class Sweep:
     base: dict
     runs: list[Run]
     marathon: dict = field(default_factory=dict)
+    search: object = None  # a pneumo.search.SearchSpec: the runs are the trials of an Optuna study
 
 
 def _short(value) -> str:
@@ -103,9 +105,12 @@ def load_sweep(path, data_dir=None) -> Sweep:
     if grid:
         keys = list(grid)
         entries += [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
-    if not entries:
-        raise SweepError(f"{path}: no runs (give runs: and/or grid:)")
+    if not entries and spec.get("search") is None:
+        raise SweepError(f"{path}: no runs (give runs: and/or grid:, or search:)")
+    if entries and spec.get("search") is not None:
+        raise SweepError(f"{path}: give runs: / grid: or search:, not both")
     allowed = notebook_parameters(notebook)
+    search = _search_spec(spec, base, allowed, path)
     runs = []
     for i, entry in enumerate(entries, 1):
         run = run_name(i, entry)
@@ -127,7 +132,21 @@ def load_sweep(path, data_dir=None) -> Sweep:
     bad = set(marathon) - set(TrainConfig.names())
     if bad:
         raise SweepError(f"{path}: marathon: unknown parameter(s) {', '.join(sorted(bad))}")
-    return Sweep(name, notebook.resolve(), base, runs, dict(marathon))
+    return Sweep(name, notebook.resolve(), base, runs, dict(marathon), search)
+
+
+def _search_spec(spec: dict, base: dict, allowed: set[str], path: Path):
+    """The search: section checked like a run (pneumo.search); its base data_dir made absolute."""
+    if spec.get("search") is None:
+        return None
+    from pneumo.search import parse_search
+
+    if "data_dir" in base:  # trials execute in their own run directory
+        base["data_dir"] = str(Path(str(base["data_dir"])).expanduser().resolve())
+    missing = sorted(set(base) - allowed)
+    if missing:
+        raise SweepError(f"{path}: base: parameter(s) {', '.join(missing)} not in the parameters cell")
+    return parse_search(spec["search"], base, allowed, f"{path}: search")
 
 
 # ---------------------------------------------------------------- summary
@@ -189,11 +208,12 @@ def _markdown_table(df) -> str:
 
 
 def sweep(params_file, out="outputs", data_dir=None, max_parallel: int | None = None, resume: bool = False,
-          marathon: bool = False, cluster: str | None = None, cluster_file=None) -> dict:
+          marathon: bool = False, cluster: str | None = None, cluster_file=None, storage: str | None = None) -> dict:
     """Run a sweep (and optionally its marathon); returns where everything is and which runs failed.
 
     cluster: None runs on this machine; 'local', 'slurm', 'htcondor', 'pbs' or a scheduler
-    address run the same runs as Dask tasks (see pneumo.executors).
+    address run the same runs as Dask tasks (see pneumo.executors). storage: a search's study
+    (SQLAlchemy URL; default SQLite <out>/sweeps/<name>/study.db).
     """
     spec = load_sweep(params_file, data_dir=data_dir)
     out = Path(out).resolve()  # runs execute with their run directory as working directory
@@ -211,8 +231,11 @@ def sweep(params_file, out="outputs", data_dir=None, max_parallel: int | None = 
     pending = [r for r in spec.runs if not r.dir(runs_root).finished()]
     executor = make_executor(cluster, max_parallel, cluster_file)
     try:
-        print(f"sweep {spec.name}: {len(spec.runs)} runs ({len(spec.runs) - len(pending)} done), "
-              f"{executor.describe()}", flush=True)
+        if spec.search is not None:
+            _run_search(spec, executor, out, storage, resume)
+        else:
+            print(f"sweep {spec.name}: {len(spec.runs)} runs ({len(spec.runs) - len(pending)} done), "
+                  f"{executor.describe()}", flush=True)
         if pending:
             _prepare_once(spec, pending, out)
             start = time.perf_counter()
@@ -221,7 +244,7 @@ def sweep(params_file, out="outputs", data_dir=None, max_parallel: int | None = 
                 ideal = sum(r["seconds"] for r in results) / len(executor.slots)
                 print(f"sweep wall time {time.perf_counter() - start:.0f} s (ideal {ideal:.0f} s)", flush=True)
         rows = summarize(spec, runs_root, sweeps_root)
-        failed = [r["run"] for r in rows if r["status"] != "done"]
+        failed = [r["run"] for r in rows if r["status"] not in ("done", "pruned")]
         result = {"sweep": spec.name, "runs_dir": str(runs_root), "summary": str(sweeps_root / spec.name / "summary.md"),
                   "failed": failed, "best": rows[0] if rows and rows[0]["status"] == "done" else None}
         if marathon:
@@ -229,6 +252,24 @@ def sweep(params_file, out="outputs", data_dir=None, max_parallel: int | None = 
     finally:
         executor.close()
     return result
+
+
+def _run_search(spec: Sweep, executor, out: Path, storage: str | None, resume: bool) -> None:
+    """Trials of the study as slots free up (pneumo.search); spec.runs becomes the study's runs."""
+    from pneumo import search
+
+    url = storage or search.default_storage(out / "sweeps", spec.name)
+    study, store = search.open_study(spec.name, spec.search, url, resume)
+    source = search.TrialSource(study, store, spec.search, spec.base, url, Run)
+    print(f"search {spec.name}: {spec.search.trials} trials ({source.started()} started), sampler "
+          f"{spec.search.sampler}, pruner {spec.search.pruner['type']}, study {search.shown_url(url)}; "
+          f"{executor.describe()}", flush=True)
+    _prepare_once(spec, [Run("base", params) for params in search.data_variants(spec.search, spec.base)], out)
+    try:
+        executor.stream(spec.notebook, source, out / "runs" / spec.name)
+    finally:
+        source.close()
+    spec.runs = search.study_runs(study, spec.base, Run)
 
 
 def _prepare_once(spec: Sweep, runs: list[Run], out: Path) -> None:

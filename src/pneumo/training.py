@@ -40,8 +40,8 @@ def load_prepared(config: TrainConfig, outputs=None):
 
 def _check_run_dir(run_dir: RunDir, config: TrainConfig) -> Path | None:
     """The last checkpoint to resume from, None for a fresh run; RunError if run_dir is taken."""
-    if run_dir.finished():
-        raise RunError(f"{run_dir.path}: a finished run; choose a new run directory")
+    if run_dir.ended():
+        raise RunError(f"{run_dir.path}: a {'finished' if run_dir.finished() else 'pruned'} run; choose a new run directory")
     changed = run_dir.changed_parameters(config.to_dict(), EXECUTION_FIELDS)
     if changed:
         raise RunError(f"{run_dir.path}: holds a run with other parameters ({', '.join(changed)}); "
@@ -85,9 +85,10 @@ def fit(config: TrainConfig, run_dir=None) -> dict:
     import lightning as L
     import torch
 
-    from pneumo.callbacks import RunRecorder, ThreadShare, ValidationImages
+    from pneumo.callbacks import RunRecorder, ThreadShare, TrialReport, ValidationImages
     from pneumo.datamodule import RsnaDataModule
     from pneumo.module import OpacityModule
+    from pneumo.search import trial_from_environment
 
     if not isinstance(config, TrainConfig):
         raise ConfigError("fit() takes a TrainConfig")
@@ -107,6 +108,9 @@ def fit(config: TrainConfig, run_dir=None) -> dict:
     module = OpacityModule(config.to_dict(), prepared.manifest["fingerprint"])
     recorder = RunRecorder(run_dir, config.epochs)
     callbacks = [recorder, ThreadShare(run_dir), ValidationImages(config.n_val_images, run_dir, config.save_images)]
+    trial = trial_from_environment()  # a search trial's process: report epochs, stop when pruned
+    report = TrialReport(trial, recorder) if trial is not None else None
+    callbacks += [report] if report else []
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     trainer, checkpoint = _trainer(config, run_dir, callbacks, accelerator, fresh=resume_from is None)
     if resume_from is not None:
@@ -123,9 +127,11 @@ def fit(config: TrainConfig, run_dir=None) -> dict:
     best = _load_state(Path(checkpoint.best_model_path or run_dir.best_checkpoint))
     metrics = _final_metrics(config, recorder.history, best, trainer.current_epoch, datamodule, prepared)
     metrics.update(wall_time_s=round(time.perf_counter() - start, 1), accelerator=accelerator)
+    if report is not None and report.pruned_at is not None:
+        metrics.update(status="pruned", pruned_at_epoch=report.pruned_at, stopped_early="pruned by the search")
     run_dir.write_metrics(metrics)
-    run_dir.write_status("done", epoch=metrics["epochs_done"], epochs=config.epochs,
-                         best_val_map=metrics["best_val_map"])
+    run_dir.write_status("done" if metrics["status"] == "finished" else "pruned", epoch=metrics["epochs_done"],
+                         epochs=config.epochs, best_val_map=metrics["best_val_map"])
     return {**metrics, "run_dir": str(run_dir.path)}
 
 
