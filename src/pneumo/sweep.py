@@ -256,6 +256,10 @@ def run_marathon(spec: Sweep, rows: list[dict], out: Path, executor) -> dict:
         result = executor.run(spec.notebook, [marathon], runs_root)[0]
         if result["state"] != "done":
             raise SweepError(f"marathon failed: {result.get('error', result['state'])}; log: {run_dir.log}")
-    model_dir = export_model(run_dir, out / "models", spec.name, spec.name)
+    from functools import partial
+
+    from pneumo.modelcard import write_extras  # model.md (subgroup metrics) and model.onnx
+
+    model_dir = export_model(run_dir, out / "models", spec.name, spec.name, extras=partial(write_extras, outputs=out))
     return {"marathon_run": str(run_dir.path), "model": str(model_dir),
             "marathon_val_map": run_dir.metrics().get("best_val_map")}
