@@ -63,7 +63,7 @@ def complete_source(source, patient_id: str) -> tuple[object, list[str]]:
             continue
         value = SECONDARY_CAPTURE if keyword == "SOPClassUID" else generate_uid(entropy_srcs=[patient_id, keyword])
         setattr(ds, keyword, value)
-        warnings.append(f"source has no {keyword}; the report references generated {value}")
+        warnings.append(f"{keyword} missing from the source: the report references a generated one, {value}")
     for keyword in COPIED_EMPTY_OK:
         if keyword not in ds:
             setattr(ds, keyword, None)
@@ -169,10 +169,16 @@ def _presentation_state(source, finding: Finding):
     objects = [hd.pr.GraphicObject(graphic_type=hd.pr.GraphicTypeValues.POLYLINE, graphic_data=outline(box),
                                    units=pixel, is_filled=False) for box in finding.boxes]
     # a label above each box (inside the image); without boxes, one line saying so at the top left
-    labels = [(f"opacity {c:.2f}", float(b[0]), max(0.0, float(b[1]) - 24.0)) for b, c in
+    labels = [(f"opacity {c:.2f}", float(b[0]), float(b[1]) - 24.0) for b, c in
               zip(finding.boxes, finding.confidences)] or [("pneumo: no opacity found", 0.0, 0.0)]
-    texts = [hd.pr.TextObject(text_value=text, units=pixel, bounding_box=(x, y, x + 200.0, y + 24.0))
-             for text, x, y in labels]
+    columns, rows = float(source.Columns), float(source.Rows)
+    width, height = min(200.0, columns), min(24.0, rows)  # the text's box, kept inside the image
+
+    def text_box(x, y):
+        x, y = min(max(0.0, x), columns - width), min(max(0.0, y), rows - height)
+        return x, y, x + width, y + height
+
+    texts = [hd.pr.TextObject(text_value=text, units=pixel, bounding_box=text_box(x, y)) for text, x, y in labels]
     annotations = [hd.pr.GraphicAnnotation(referenced_images=[source], graphic_layer=layer,
                                            graphic_objects=objects or None, text_objects=texts)]
     keys = [str(source.SOPInstanceUID), finding.model]
