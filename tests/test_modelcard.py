@@ -42,3 +42,16 @@ def test_export_writes_card_with_subgroups_and_onnx(tiny_run, tmp_path):
     # the validation split holds a handful of images: every subgroup shows its count and no score
     assert all(g["map"] is None for groups in card["subgroups"]["by"].values() for g in groups.values())
     assert resolve_model(model.parent)[0] == model / "model.ckpt"
+
+
+@pytest.mark.slow
+def test_a_version_exported_without_them_gets_card_and_onnx_added(tiny_run, tmp_path):
+    from pneumo.modelcard import complete_version
+
+    model = export_model(tiny_run, tmp_path / "models", "tiny", "s")  # as before model.md existed
+    before = (model / "model.json").read_bytes()
+    assert complete_version(model) == ["model.md", "model.onnx"]
+    assert (model / "model.json").read_bytes() == before  # nothing that was there is rewritten
+    assert "| PatientSex |" in (model / "model.md").read_text()
+    assert complete_version(model) == [] and sorted(p.name for p in model.iterdir()) == \
+        ["model.ckpt", "model.json", "model.md", "model.onnx"]

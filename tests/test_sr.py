@@ -29,7 +29,7 @@ def _write(tmp_path, name, dataset):
 
 
 def read_report(path):
-    """(boxes, confidences, image-level evaluation, referenced SOP Instance UIDs) of an SR file."""
+    """(boxes, confidences, image-level evaluation, SOP Instance UIDs its groups reference, the SR)."""
     report = hd.sr.srread(path)
     content = report.content
     assert isinstance(content, hd.sr.MeasurementReport)
@@ -45,6 +45,7 @@ def read_report(path):
         references.add(group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
     (image_group,) = content.get_image_measurement_groups()
     (evaluation,) = image_group.get_qualitative_evaluations()
+    references |= {item.referenced_sop_instance_uid for item in image_group.source_images}
     return np.array(boxes).reshape(-1, 4), np.array(confidences), evaluation.value.meaning, references, report
 
 

@@ -115,3 +115,31 @@ def write_extras(checkpoint: Path, directory: Path, card: dict, outputs=None) ->
         log.warning("model card for %s: %s", card.get("source_run"), note)
     atomic_write_text(Path(directory) / MODEL_MARKDOWN, card_markdown(card, evaluation, breakdown, note))
     return {"subgroups": breakdown, "training_data": (evaluation or {}).get("data")}
+
+
+def complete_version(model_dir, outputs=None) -> list[str]:
+    """Add model.md and model.onnx to a version exported before they existed; returns what was added.
+
+    Only missing files are written (model.json and the rest are left as they are).
+    """
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    from pneumo.portable import ONNX_FILE
+
+    model_dir = Path(model_dir)
+    missing = [name for name in (MODEL_MARKDOWN, ONNX_FILE) if not (model_dir / name).exists()]
+    if not missing:
+        return []
+    staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=".extras-"))
+    try:
+        card = json.loads((model_dir / "model.json").read_text())
+        write_extras(model_dir / "model.ckpt", staging, card, outputs=outputs)
+        added = [name for name in missing if (staging / name).exists()]
+        for name in added:
+            os.replace(staging / name, model_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return added
