@@ -154,3 +154,22 @@ def test_predict_writes_a_report_per_image(tiny_run, synth_dir, tmp_path):
     # a re-run rewrites nothing that is up to date
     again = predict_folder(predictor, images, out, workers=0, dicom_sr=True)
     assert again["n_reports"] == 0
+
+
+def test_headers_highdicom_refuses_are_reported_not_fatal(source_path, tmp_path):
+    from pneumo.sr import write_reports
+
+    records = []
+    for name, keyword, value in (("odd", "PatientSex", "X"), ("private", "SOPClassUID", "1.2.3")):
+        ds = pydicom.dcmread(source_path)
+        setattr(ds, keyword, value)
+        ds.StudyDate = "garbage"
+        ds.save_as(tmp_path / f"{name}.dcm")
+        records.append(({"path": str(tmp_path / f"{name}.dcm"), "patientId": name, "boxes": []}, 0.0))
+    summary = write_reports(records, tmp_path / "out", "m")
+    assert [p.name for p in (tmp_path / "out" / "sr").iterdir()] == ["odd.dcm"]
+    with open(tmp_path / "out" / "warnings.csv") as f:
+        warnings = [(row["path"].split("/")[-1], row["warning"]) for row in csv.DictReader(f)]
+    assert ("odd.dcm", "PatientSex 'X' is not a valid value: the report leaves it empty") in warnings
+    assert any(path == "private.dcm" and "sr: not written" in text for path, text in warnings)
+    assert summary == {"n_reports": 1, "n_warnings": len(warnings)}

@@ -50,7 +50,10 @@ def create_app(model, threshold: float | None = None, min_box_area: float | None
         if format == "sr":
             from pneumo.sr import upload_report
 
-            report, warnings = await run_in_threadpool(upload_report, data, result, predictor.name)
+            try:
+                report, warnings = await run_in_threadpool(upload_report, data, result, predictor.name)
+            except (ValueError, KeyError, TypeError) as exc:  # a header highdicom refuses (pneumo.sr)
+                raise HTTPException(422, f"{filename or 'upload'}: no SR for this header ({exc})") from None
             headers = {"X-Pneumo-Warnings": "; ".join(warnings)} if warnings else {}
             return Response(report, media_type="application/dicom", headers=headers)
         return JSONResponse(result)

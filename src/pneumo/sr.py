@@ -67,12 +67,33 @@ def complete_source(source, patient_id: str) -> tuple[object, list[str]]:
     for keyword in COPIED_EMPTY_OK:
         if keyword not in ds:
             setattr(ds, keyword, None)
+    warnings += _clear_invalid(ds)
     age = parse_age(ds.get("PatientAge"))
     if "PatientAge" in ds:  # RSNA writes '51'; the standard AgeString, which the copies carry, is '051Y'
         del ds.PatientAge
     if age is not None:
         ds.PatientAge = f"{min(int(age), 999):03d}Y"
     return ds, warnings
+
+
+def _clear_invalid(ds) -> list[str]:
+    """Empty the copied attributes whose values highdicom refuses (real headers hold such values)."""
+    from pydicom.valuerep import DA, TM
+
+    notes = []
+    checks = {"PatientSex": lambda v: v in ("M", "F", "O"), "StudyDate": DA, "PatientBirthDate": DA, "StudyTime": TM}
+    for keyword, check in checks.items():
+        value = ds.get(keyword)
+        if value in (None, ""):
+            continue
+        try:
+            valid = check(str(value)) is not False
+        except ValueError:
+            valid = False
+        if not valid:
+            setattr(ds, keyword, None)
+            notes.append(f"{keyword} {str(value)!r} is not a valid value: the report leaves it empty")
+    return notes
 
 
 def _codes():
@@ -125,11 +146,12 @@ def measurement_report(source, finding: Finding) -> tuple[object, list[str]]:
 
 def _comprehensive_sr(source, finding: Finding):
     import highdicom as hd
+    from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
     algorithm = hd.sr.AlgorithmIdentification(name="pneumo", version=__version__, parameters=[finding.model])
     device = hd.sr.ObserverContext(
-        observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
+        observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=generate_uid(entropy_srcs=["pneumo", finding.model]), name="pneumo",
             manufacturer_name=MANUFACTURER, model_name=finding.model[:64]))
@@ -161,9 +183,6 @@ def _presentation_state(source, finding: Finding):
     import highdicom as hd
     from pydicom.uid import generate_uid
 
-    for keyword, default in (("Rows", 0), ("Columns", 0), ("BitsStored", 8), ("PhotometricInterpretation", "MONOCHROME2")):
-        if keyword not in source:
-            setattr(source, keyword, default)
     layer = hd.pr.GraphicLayer(layer_name="PNEUMO", order=1, description="pneumo opacity boxes")
     pixel = hd.pr.AnnotationUnitsValues.PIXEL
     objects = [hd.pr.GraphicObject(graphic_type=hd.pr.GraphicTypeValues.POLYLINE, graphic_data=outline(box),
@@ -236,8 +255,11 @@ def write_reports(records, out, model: str, sr: bool = True, gsps: bool = False)
             target = out / folder / f"{finding.patient_id}.dcm"
             if target.is_file() and target.stat().st_mtime >= record_mtime:
                 continue
-            atomic_write_bytes(target, to_bytes(make(source, finding)[0]))
-            written += 1
+            try:
+                atomic_write_bytes(target, to_bytes(make(source, finding)[0]))
+                written += 1
+            except (ValueError, KeyError, TypeError) as exc:  # a header highdicom refuses: say so, go on
+                warnings.append((record["path"], f"{folder}: not written ({type(exc).__name__}: {exc})"))
     lines = ["path,warning"] + [f'"{path}","{text.replace(chr(34), chr(39))}"' for path, text in warnings]
     atomic_write_text(out / WARNINGS_FILE, "\n".join(lines) + "\n")
     return {"n_reports": written, "n_warnings": len(warnings)}
