@@ -88,14 +88,16 @@ def sweep(session: nox.Session) -> None:
     name = session.run("pneumo", "sweep", params, "--print-name", silent=True, stderr=None).strip()
     session.run("pneumo", "sweep", params, "--data-dir", data, "--resume", "--marathon", *args)
     predictions = f"outputs/predictions/{name}"
-    predict = ["pneumo", "predict", f"outputs/models/{name}", f"{data}/stage_2_test_images", "--out", predictions]
+    predict = ["pneumo", "predict", f"outputs/models/{name}", f"{data}/stage_2_test_images", "--out", predictions,
+               "--dicom-sr", "--dicom-gsps"]
     if os.path.isfile(f"{data}/stage_2_test_labels.csv"):
         predict += ["--labels", f"{data}/stage_2_test_labels.csv"]
     session.run(*predict)
     session.log(f"summary:     outputs/sweeps/{name}/summary.md")
     session.log(f"tensorboard: nox -s tensorboard   (or: tensorboard --logdir outputs/runs/{name})")
-    session.log(f"model:       outputs/models/{name}/ (latest vN: model.ckpt, model.json)")
-    session.log(f"predictions: {predictions}/ (submission.csv, annotations.json, images/, errors.csv)")
+    session.log(f"model:       outputs/models/{name}/ (latest vN: model.ckpt, model.json, model.md, model.onnx)")
+    session.log(f"predictions: {predictions}/ (submission.csv, annotations.json, images/, errors.csv, "
+                "sr/ and gsps/ (DICOM), warnings.csv)")
 
 
 @nox.session

@@ -155,3 +155,31 @@ def test_decompression_bomb_upload_is_refused_quickly(server, synth_dir, tmp_pat
     r = httpx.post(f"{server}/predict", files={"file": ("bomb.dcm", bomb.read_bytes(), "application/dicom")}, timeout=60)
     assert r.status_code == 422 and "over the limit" in r.json()["detail"]
     assert time.perf_counter() - start < 5
+
+
+def test_predict_as_dicom_sr(server, synth_dir, tmp_path):
+    import io
+
+    import pydicom
+
+    from test_sr import read_report
+
+    dcm = sorted((synth_dir / "stage_2_test_images").glob("*.dcm"))[1]
+    upload = {"file": (dcm.name, dcm.read_bytes(), "application/dicom")}
+    boxes = httpx.post(f"{server}/predict", files=upload, timeout=30).json()["boxes"]
+    r = httpx.post(f"{server}/predict?format=sr", files=upload, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/dicom"
+    assert "x-pneumo-warnings" not in r.headers
+    (tmp_path / "sr.dcm").write_bytes(r.content)
+    got, confidences, evaluation, references, _ = read_report(tmp_path / "sr.dcm")
+    expected = [[b["x"], b["y"], b["width"], b["height"]] for b in boxes]
+    assert got.tolist() == pytest.approx(expected, abs=0.5) and evaluation == ("Present" if boxes else "Absent")
+    assert references == {pydicom.dcmread(dcm).SOPInstanceUID}
+    ds = pydicom.dcmread(dcm)
+    del ds.SOPInstanceUID
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    r = httpx.post(f"{server}/predict?format=sr", files={"file": ("x.dcm", buf.getvalue(), "application/dicom")},
+                   timeout=30)
+    assert r.status_code == 200 and "SOPInstanceUID missing" in r.headers["x-pneumo-warnings"]
+    assert httpx.post(f"{server}/predict?format=xml", files=upload, timeout=30).status_code == 400

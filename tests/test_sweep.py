@@ -128,6 +128,7 @@ def test_real_parallel_sweep_with_a_failing_run_then_resume(tmp_path, synth_dir)
     card = json.loads((model / "model.json").read_text())
     assert (model / "model.ckpt").is_file() and card["params"]["epochs"] == 3 and card["source_sweep"] == "t"
     assert {"threshold", "git_commit", "data_fingerprint", "created_at", "metrics"} <= set(card)
+    assert (model / "model.md").is_file() and (model / "model.onnx").is_file() and card["subgroups"]  # pneumo.modelcard
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
     mux = EventMultiplexer()
     mux.AddRunsFromDirectory(str(runs))

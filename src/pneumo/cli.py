@@ -123,12 +123,15 @@ def cmd_predict(args) -> int:
 
     summary = predict_folder(args.model, args.images_dir, args.out, threshold=args.threshold,
                              min_box_area=args.min_box_area, tta=args.tta, labels=args.labels,
-                             batch_size=args.batch_size, workers=args.workers, save_images=not args.no_images)
+                             batch_size=args.batch_size, workers=args.workers, save_images=not args.no_images,
+                             dicom_sr=args.dicom_sr, dicom_gsps=args.dicom_gsps)
     rate = f", {summary['images_per_second']:.1f} images/s" if summary["images_per_second"] else ""
     print(f"{summary['n_predicted']} predicted ({summary['n_with_boxes']} with boxes), {summary['n_errors']} errors "
           f"(errors.csv){rate}; outputs in {summary['out']}")
     if "map" in summary:
         print(f"mAP {summary['map']:.4f} over {summary['n_scored']} scored images (score.json)")
+    if "n_reports" in summary:
+        print(f"{summary['n_reports']} DICOM files written (sr/, gsps/), {summary['n_warnings']} warnings (warnings.csv)")
     return 0
 
 
@@ -214,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: up to 2)")
     p.add_argument("--no-images", action="store_true", help="skip the annotated PNGs")
+    p.add_argument("--dicom-sr", action="store_true", help="DICOM SR (TID 1500) of the boxes: OUT/sr/<patientId>.dcm")
+    p.add_argument("--dicom-gsps", action="store_true",
+                   help="DICOM presentation state drawing the boxes: OUT/gsps/<patientId>.dcm")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("serve", help="HTTP service: POST /predict a DICOM, get boxes")

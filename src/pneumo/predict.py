@@ -1,4 +1,5 @@
-"""Batch inference on DICOM files: annotations.json, Kaggle submission.csv, annotated PNGs, errors.csv.
+"""Batch inference on DICOM files: annotations.json, Kaggle submission.csv, annotated PNGs, errors.csv;
+with dicom_sr / dicom_gsps also sr/<patientId>.dcm / gsps/<patientId>.dcm and warnings.csv (pneumo.sr).
 
 Every input file ends up in exactly one of submission.csv and errors.csv. Per-image results
 are written as they come (OUT/.parts/), so an interrupted run re-run with the same model and
@@ -28,6 +29,7 @@ from pneumo.postprocess import PostProcess, apply
 from pneumo.registry import resolve_model
 
 log = logging.getLogger(__name__)
+SUBGROUP_FIELDS = ("PatientSex", "PatientAge", "ViewPosition")  # kept per image for score.json's subgroups
 
 
 @dataclass
@@ -163,7 +165,8 @@ def _parts_dir(out: Path, predictor: Predictor, tta: bool) -> Path:
 
 
 def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tta: bool = False, labels=None,
-                   batch_size: int = 16, workers: int | None = None, save_images: bool = True) -> dict:
+                   batch_size: int = 16, workers: int | None = None, save_images: bool = True,
+                   dicom_sr: bool = False, dicom_gsps: bool = False) -> dict:
     """Predict every file of images_dir into out; returns the summary (and the score with labels)."""
     import torch
 
@@ -222,9 +225,10 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
                 atomic_save_image(out / "images" / f"{pid}.png", annotate(item.full, boxes, conf, truth),
                                   compress_level=1)
             atomic_write_json(part_path(path), {"path": str(path), "patientId": pid, "image_size": [rows, columns],
-                                                "boxes": box_records(boxes, conf)})
+                                                "boxes": box_records(boxes, conf),
+                                                "meta": {k: item.meta.get(k) for k in SUBGROUP_FIELDS}})
     seconds = time.perf_counter() - start
-    return _assemble(files, part_path, out, predictor, gt, len(todo), seconds)
+    return _assemble(files, part_path, out, predictor, gt, len(todo), seconds, (dicom_sr, dicom_gsps))
 
 
 def _printable(text: str) -> str:
@@ -232,13 +236,15 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _assemble(files, part_path, out: Path, predictor: Predictor, gt, n_new: int, seconds: float) -> dict:
-    """The final files from the per-image parts, each written atomically."""
+def _assemble(files, part_path, out: Path, predictor: Predictor, gt, n_new: int, seconds: float,
+              dicom=(False, False)) -> dict:
+    """The final files from the per-image parts, each written atomically; dicom = (SR, GSPS) wanted."""
     annotations, submission = {}, ["patientId,PredictionString"]
     errors = io.StringIO()
     error_rows = csv.writer(errors, lineterminator="\n")
     error_rows.writerow(["path", "reason"])
     n_errors = 0
+    attributes = {}  # patientId -> the DICOM fields subgroups are made of
     for f in files:
         record = json.loads(part_path(f).read_text())
         if "error" in record:  # any name the file system allows: quoted by csv, undecodable bytes escaped
@@ -246,6 +252,7 @@ def _assemble(files, part_path, out: Path, predictor: Predictor, gt, n_new: int,
             n_errors += 1
             continue
         boxes = record["boxes"]
+        attributes[record["patientId"]] = record.get("meta", {})
         annotations[record["patientId"]] = {"image_size": record["image_size"], "boxes": boxes}
         text = format_prediction_string([[b["x"], b["y"], b["width"], b["height"]] for b in boxes],
                                         [b["confidence"] for b in boxes])
@@ -260,11 +267,16 @@ def _assemble(files, part_path, out: Path, predictor: Predictor, gt, n_new: int,
                "out": str(out), "model": predictor.name}
     if gt is not None:
         from pneumo.metrics import mean_average_precision, read_submission
+        from pneumo.subgroups import subgroup_scores
 
         preds = read_submission(out / "submission.csv")
         scored = {pid: boxes for pid, boxes in gt.items() if pid in preds}
         score = mean_average_precision(scored, preds)
-        atomic_write_json(out / "score.json", score.to_dict())
+        atomic_write_json(out / "score.json", {**score.to_dict(), "subgroups": subgroup_scores(scored, preds, attributes)})
         summary["map"] = score.map
         summary["n_scored"] = score.n_images
+    if any(dicom):
+        from pneumo.sr import parts_records, write_reports
+
+        summary.update(write_reports(parts_records(files, part_path), out, predictor.name, *dicom))
     return summary

@@ -1,5 +1,6 @@
 """The model registry: a finished run's best checkpoint exported as outputs/models/<name>/vN/
-(model.ckpt, model.json), and the one rule that turns a path someone gives into a checkpoint.
+(model.ckpt, model.json, and what an extras hook adds: model.md, model.onnx), and the one rule
+that turns a path someone gives into a checkpoint.
 
 Versions are never overwritten: an export claims a new vN by creating its directory, so two
 exports into one family can never both get the same version.
@@ -55,11 +56,13 @@ def resolve_model(path) -> tuple[Path, dict]:
     raise ModelError(f"{path}: no {MODEL_CHECKPOINT}, {best} or v*/{MODEL_CHECKPOINT} inside")
 
 
-def export_model(run_dir, models_root: Path, name: str, source_sweep: str) -> Path:
+def export_model(run_dir, models_root: Path, name: str, source_sweep: str, extras=None) -> Path:
     """Copy a finished run's best checkpoint into models_root/name/vN with its model card.
 
     Each export of a new run is a new version; exporting the same run again returns the
-    version it already has.
+    version it already has. extras(checkpoint, directory, card) may write more files into
+    directory (pneumo.modelcard: model.md, model.onnx) and returns fields to add to model.json;
+    it runs before a version is claimed, and its files move into the version with the card.
     """
     run_dir = RunDir(run_dir)
     if not run_dir.finished():
@@ -72,10 +75,15 @@ def export_model(run_dir, models_root: Path, name: str, source_sweep: str) -> Pa
             return card.parent
     staging = Path(tempfile.mkdtemp(dir=family, prefix=".export-"))
     try:
-        # the slow copy happens before a version is claimed, so a claimed vN fills at once
+        # the slow work (copy, extras) happens before a version is claimed, so a claimed vN fills at once
         shutil.copy2(run_dir.best_checkpoint, staging / MODEL_CHECKPOINT)
+        card = _model_card(run_dir, name, None, source_sweep)
+        if extras is not None:
+            card.update(extras(staging / MODEL_CHECKPOINT, staging, card) or {})
         target = _claim_version(family)
-        atomic_write_json(target / MODEL_CARD, _model_card(run_dir, name, target.name, source_sweep))
+        atomic_write_json(target / MODEL_CARD, {**card, "version": target.name})
+        for extra in sorted(p for p in staging.iterdir() if p.name != MODEL_CHECKPOINT):
+            os.replace(extra, target / extra.name)
         os.replace(staging / MODEL_CHECKPOINT, target / MODEL_CHECKPOINT)  # last: a vN with it is complete
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -95,7 +103,7 @@ def _claim_version(family: Path) -> Path:
             number += 1
 
 
-def _model_card(run_dir: RunDir, name: str, version: str, source_sweep: str) -> dict:
+def _model_card(run_dir: RunDir, name: str, version: str | None, source_sweep: str) -> dict:
     metrics = run_dir.metrics()
     return {
         "name": name, "version": version,

@@ -1,6 +1,7 @@
 """`pneumo serve`: an HTTP service around one loaded model (FastAPI + uvicorn).
 
-POST /predict  one DICOM (multipart field `file`, or JSON {"dicom_base64": ...}) -> boxes
+POST /predict  one DICOM (multipart field `file`, or JSON {"dicom_base64": ...}) -> boxes;
+               ?format=sr -> the boxes as a DICOM SR file (application/dicom, pneumo.sr)
 GET  /health   liveness and the model name
 GET  /model    the model card
 """
@@ -26,8 +27,8 @@ from pneumo.limits import (
 def create_app(model, threshold: float | None = None, min_box_area: float | None = None):
     import threading
 
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
 
     from pneumo.predict import load_predictor
@@ -50,11 +51,22 @@ def create_app(model, threshold: float | None = None, min_box_area: float | None
                 "image_size": predictor.image_size, "params": predictor.config.to_dict(), "card": card}
 
     @app.post("/predict")
-    async def predict(request: Request, annotated: bool = False):
+    async def predict(request: Request, annotated: bool = False, format: str = "json"):
+        if format not in ("json", "sr"):
+            raise HTTPException(400, f"format={format}: use json (boxes) or sr (a DICOM SR of the boxes)")
         data, filename = await read_upload(request)
         # decoding and inference are blocking: run them off the event loop
-        return JSONResponse(await run_in_threadpool(predict_upload, predictor, lock, data, filename, annotated,
-                                                       decodes))
+        result = await run_in_threadpool(predict_upload, predictor, lock, data, filename, annotated, decodes)
+        if format == "sr":
+            from pneumo.sr import upload_report
+
+            try:
+                report, warnings = await run_in_threadpool(upload_report, data, result, predictor.name)
+            except (ValueError, KeyError, TypeError) as exc:  # a header highdicom refuses (pneumo.sr)
+                raise HTTPException(422, f"{filename or 'upload'}: no SR for this header ({exc})") from None
+            headers = {"X-Pneumo-Warnings": "; ".join(warnings)} if warnings else {}
+            return Response(report, media_type="application/dicom", headers=headers)
+        return JSONResponse(result)
 
     return app
 

@@ -318,6 +318,11 @@ def run_marathon(spec: Sweep, rows: list[dict], out: Path, executor) -> dict:
         result = executor.run(spec.notebook, [marathon], runs_root)[0]
         if result["state"] != "done":
             raise SweepError(f"marathon failed: {result.get('error', result['state'])}; log: {run_dir.log}")
-    model_dir = export_model(run_dir, out / "models", spec.name, spec.name)
+    from functools import partial
+
+    from pneumo.modelcard import complete_version, write_extras  # model.md (subgroups), model.onnx
+
+    model_dir = export_model(run_dir, out / "models", spec.name, spec.name, extras=partial(write_extras, outputs=out))
+    complete_version(model_dir, outputs=out)  # a version exported before model.md and model.onnx existed
     return {"marathon_run": str(run_dir.path), "model": str(model_dir),
             "marathon_val_map": run_dir.metrics().get("best_val_map")}
