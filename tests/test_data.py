@@ -121,3 +121,12 @@ def test_scan_yields_one_result_per_file_in_order(synth_dir, tmp_path):
     items = list(scan([*files, tmp_path / "broken.dcm"], image_size=32, workers=1))
     assert [i.path for i in items] == [str(p) for p in files] + [str(tmp_path / "broken.dcm")]
     assert all(i.error is None and i.image.shape == (32, 32) for i in items[:-1]) and items[-1].error
+
+
+def test_decode_file_decodes_model_size_images_scaled_and_full_ones_whole(synth_dir):
+    path = dicom_files(layout(synth_dir).train_images)[0]
+    lean, full = decode_file(path, image_size=64), decode_file(path, image_size=64, keep_full=True)
+    assert lean.image.shape == full.image.shape == (64, 64) and lean.meta == full.meta
+    assert np.array_equal(full.image, resize_area(read_dicom(path)[0], 64))  # from the full decode
+    assert np.array_equal(lean.image, resize_area(read_dicom(path, min_size=64)[0], 64))  # decoder-scaled
+    assert np.abs(lean.image.astype(int) - full.image.astype(int)).mean() < 1.0
