@@ -11,6 +11,11 @@ profile on several patient splits of the real RSNA data (default ../shared/rsna-
 outputs/bench/real.json and real.md. It needs that data and takes tens of minutes, so a plain
 `nox -s bench` never runs it: name it, alone, with its own arguments after it
 (`nox -s bench -- real --help`).
+
+`scale` (benchmarks/scale.py) measures prepare, a training epoch, predict and score at the size of
+the real training set (26,684 + 3,000 synthetic DICOMs, made once) and writes outputs/bench/scale.json;
+`--fraction 0.1` (or `--n-train/--n-test`) for a smaller machine, `--skip-full` to refuse the full
+size. Like `real` it goes first, alone, with its own arguments (`nox -s bench -- scale --help`).
 """
 
 from __future__ import annotations
@@ -359,25 +364,20 @@ BENCHES = {"score": bench_score, "prepare": bench_prepare, "startup": bench_star
 
 
 def main(argv: list[str]) -> int:
-    if argv and argv[0] == "real":  # the real-data benchmark takes its own arguments
+    if argv and argv[0] in ("real", "scale", "search"):  # these take their own arguments (search: minutes, named alone)
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import real
+        import importlib
 
-        return real.main(argv[1:])
-    if argv and argv[0] == "search":  # Optuna searches with and without pruning: minutes, named alone
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import search
-
-        return search.main(argv[1:])
+        return importlib.import_module(argv[0]).main(argv[1:])
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0
     names = argv or list(BENCHES)
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
-        hint = "; `real` goes first, alone, with its own arguments" if "real" in names else ""
+        hint = "; `real` and `scale` go first, alone, with their own arguments" if {"real", "scale"} & set(names) else ""
         sys.exit(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}, "
-                 f"or real (not run by default){hint}")
+                 f"or real or scale (not run by default){hint}")
     for name in names:
         BENCHES[name]()
     return 0

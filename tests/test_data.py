@@ -151,3 +151,12 @@ def test_a_killed_decode_worker_is_reported_and_the_scan_finishes(synth_dir):
     assert finished.wait(120), "scan hangs after a worker was killed"
     assert [i.path for i in items] == [str(f) for f in files]  # every file once, in order
     assert sum(i.error is not None for i in items) <= 1  # at most the job the dead worker held
+
+
+def test_decode_file_decodes_model_size_images_scaled_and_full_ones_whole(synth_dir):
+    path = dicom_files(layout(synth_dir).train_images)[0]
+    lean, full = decode_file(path, image_size=64), decode_file(path, image_size=64, keep_full=True)
+    assert lean.image.shape == full.image.shape == (64, 64) and lean.meta == full.meta
+    assert np.array_equal(full.image, resize_area(read_dicom(path)[0], 64))  # from the full decode
+    assert np.array_equal(lean.image, resize_area(read_dicom(path, min_size=64)[0], 64))  # decoder-scaled
+    assert np.abs(lean.image.astype(int) - full.image.astype(int)).mean() < 1.0

@@ -183,3 +183,26 @@ def test_an_image_at_the_pixel_limit_is_still_read(tmp_path, monkeypatch):
     assert image.shape == (48, 64)
     with pytest.raises(DicomError, match="over the limit"):
         read_dicom(write_uncompressed(tmp_path / "b.dcm", np.zeros((49, 64), np.uint16)))
+
+
+def test_model_size_decode_scales_jpeg_in_the_decoder_and_matches_the_full_decode(synth_dir):
+    """A model-size read of a JPEG Baseline file comes back scaled by the decoder (never below
+    the size asked) and, area-resized, within a grey level of the full decode resized."""
+    for path in sorted((synth_dir / "stage_2_train_images").glob("*.dcm"))[:6]:
+        full, meta = read_dicom(path)
+        for size, side in ((32, 32), (64, 64), (100, 128), (200, 256)):
+            scaled, scaled_meta = read_dicom(path, min_size=size)
+            assert scaled.shape == (side, side) and scaled_meta == meta  # the frame stays the file's own
+            diff = np.abs(resize_area(scaled, size).astype(int) - resize_area(full, size).astype(int))
+            assert diff.mean() < 1.0 and diff.max() <= 8
+
+
+def test_model_size_decode_keeps_other_files_whole(tmp_path, synth_dir):
+    ramp = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (256, 1))
+    image, _ = read_dicom(write_uncompressed(tmp_path / "u16.dcm", ramp, bits_stored=12), min_size=64)
+    assert image.shape == (256, 256)  # not JPEG: decoded whole, the caller resizes
+    windowed = tmp_path / "windowed.dcm"  # a window is computed on the full image's values
+    ds = pydicom.dcmread(next((synth_dir / "stage_2_train_images").glob("*.dcm")))
+    ds.WindowCenter, ds.WindowWidth = 128, 200
+    ds.save_as(windowed)
+    assert read_dicom(windowed, min_size=64)[0].shape == (256, 256)

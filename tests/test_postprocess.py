@@ -1,17 +1,6 @@
-import dataclasses
-
 import numpy as np
-import pytest
 
-from pneumo.metrics import mean_average_precision
-from pneumo.postprocess import (
-    THRESHOLD_GRID,
-    PostProcess,
-    apply,
-    merge_overlapping,
-    search,
-    shape_boxes,
-)
+from pneumo.postprocess import PostProcess, apply, merge_overlapping, shape_boxes
 
 
 def _blob_map(boxes_px, size=64, frame=1024, level=0.9, noise=0.05, seed=0):
@@ -46,52 +35,38 @@ def test_shape_boxes_keeps_the_most_confident():
     assert np.allclose(conf, [0.9, 0.5]) and np.allclose(kept[:, 0], [200, 400])
 
 
+def _merge_one_pair_at_a_time(boxes, conf):
+    """The plain statement of merging: the first overlapping pair (row-major) becomes its
+    enclosing box, until no two boxes overlap (the earlier implementation)."""
+    from pneumo.boxes import from_corners, iou_matrix, to_corners
+
+    boxes, conf = boxes.copy(), conf.copy()
+    while len(boxes) > 1:
+        touching = np.triu(iou_matrix(boxes, boxes) > 0, k=1)
+        if not touching.any():
+            break
+        i, j = np.argwhere(touching)[0]
+        corners = to_corners(boxes[[i, j]])
+        boxes[i] = from_corners(np.concatenate([corners[:, :2].min(0), corners[:, 2:].max(0)]))[0]
+        conf[i] = max(conf[i], conf[j])
+        boxes, conf = np.delete(boxes, j, axis=0), np.delete(conf, j)
+    return boxes, conf
+
+
+def test_merge_overlapping_equals_merging_one_pair_at_a_time():
+    rng = np.random.default_rng(0)
+    for n in (2, 5, 30, 120):
+        boxes = np.column_stack([rng.uniform(0, 900, (n, 2)), rng.uniform(5, 120, (n, 2))])
+        conf = np.round(rng.random(n), 1)  # ties too
+        got, expected = merge_overlapping(boxes, conf), _merge_one_pair_at_a_time(boxes, conf)
+        assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+
+
 def test_merge_overlapping_gives_enclosing_boxes():
     boxes = np.array([[0, 0, 10, 10], [5, 5, 10, 10], [12, 12, 5, 5], [50, 50, 5, 5]], float)
     merged, conf = merge_overlapping(boxes, np.array([0.5, 0.9, 0.3, 0.2]))
     # a chain of overlaps merges into one box; the separate box stays
     assert np.allclose(merged, [[0, 0, 17, 17], [50, 50, 5, 5]]) and np.allclose(conf, [0.9, 0.2])
-
-
-def _validation_set(n=48, seed=0):
-    """Positives with a true blob; negatives with a weaker false blob that a gate should remove."""
-    rng = np.random.default_rng(seed)
-    probs, frames, truth, opacity = {}, {}, {}, {}
-    for i in range(n):
-        if i % 3 == 0:
-            box = (int(rng.integers(100, 400)), int(rng.integers(100, 400)), 300, 400)
-            probs[i] = _blob_map([box], seed=i)
-            truth[i], opacity[i] = np.array([box], float), 0.6 + 0.3 * rng.random()
-        else:
-            probs[i] = _blob_map([(600, 600, 200, 200)], seed=i)  # as bright as a true one
-            truth[i], opacity[i] = np.zeros((0, 4)), 0.4 * rng.random()
-        frames[i] = (1024, 1024)
-    return probs, frames, truth, opacity
-
-
-def test_search_finds_the_gate_and_beats_the_threshold_alone():
-    probs, frames, truth, opacity = _validation_set()
-    alone = search(probs, frames, truth, None, mode="threshold")
-    full = search(probs, frames, truth, opacity)
-    assert 0.4 <= full.settings.gate <= 0.6  # between the negatives' and the positives' opacity
-    assert full.score.map > alone.score.map + 0.3
-    # the reported score is what apply() gives with the chosen settings: one implementation
-    preds = {k: apply(probs[k], full.settings, *frames[k], opacity=opacity[k]) for k in truth}
-    assert mean_average_precision(truth, preds).map == pytest.approx(full.score.map)
-    # the gate alone (shape settings as given) separates these images as well, with far fewer tries
-    gate = search(probs, frames, truth, opacity, mode="gate")
-    assert 0.4 <= gate.settings.gate <= 0.6 and gate.settings.max_boxes == 0 and gate.score.map > alone.score.map + 0.3
-    assert gate.tried < full.tried / 10
-
-
-def test_threshold_search_prefers_a_plateau_and_keeps_the_start_settings():
-    probs, frames, truth, _ = _validation_set()
-    start = PostProcess(min_box_area=123.0, box_scale=0.9)
-    result = search(probs, frames, truth, None, start, mode="threshold")
-    assert dataclasses.replace(result.settings, threshold=start.threshold) == start
-    # every threshold scores alike between the noise and the blobs: the middle of that plateau
-    assert 0.3 <= result.settings.threshold <= 0.6
-    assert result.tried == len(THRESHOLD_GRID) + 1  # the thresholds, then the pick
 
 
 def test_settings_round_trip_as_plain_dicts():

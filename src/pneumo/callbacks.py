@@ -45,7 +45,8 @@ class RunRecorder(L.Callback):
                   "threshold": v.settings.threshold, "postprocess": v.settings.to_dict(),
                   "per_threshold": v.score.per_threshold,
                   "train_loss": round(self._loss_sum / self._samples, 5) if self._samples else None,
-                  "train_images_per_s": round(self._samples / self._train_time, 1) if self._train_time else None}
+                  "train_images_per_s": round(self._samples / self._train_time, 1) if self._train_time else None,
+                  "val_scoring_s": round(v.scoring_s, 3)}
         auc = trainer.callback_metrics.get("val/opacity_auc")
         if auc is not None:
             record["opacity_auc"] = round(float(auc), 4)

@@ -163,13 +163,18 @@ def decode_file(path, image_size: int | None = None, keep_full: bool = False, me
     """Decode one DICOM as every command does: the file name must be a safe patientId, the
     image is area-resized to image_size x image_size (the model's input). A file that cannot be
     used gives a Decoded with its error set: one bad file never stops a pass over a folder.
+
+    Only the model-size image wanted (no full image, no spread): JPEG Baseline files are decoded
+    scaled down in the decoder to no less than image_size, then area-resized as the rest
+    (within a grey level of the full decode on real RSNA files: docs/architecture.md).
     """
     from pneumo.dicom import read_dicom, resize_area
 
     path = Path(path)
+    scaled_decode = bool(image_size) and not keep_full and not measure_std
     try:
         check_patient_id(path.stem)
-        image, meta = read_dicom(path)
+        image, meta = read_dicom(path, min_size=image_size if scaled_decode else None)
     except (DicomError, ValueError) as exc:
         return Decoded(str(path), path.stem, error=getattr(exc, "reason", str(exc)))
     return Decoded(str(path), path.stem, meta.to_dict(),

@@ -20,9 +20,11 @@ from pneumo.errors import SubmissionError
 THRESHOLDS = tuple(np.round(np.arange(0.40, 0.751, 0.05), 2))
 
 
-def _greedy_true_positives(ious: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+def _greedy_true_positives(ious: np.ndarray, thresholds: np.ndarray, by_rank: bool = False) -> np.ndarray:
     """True positives per image and threshold: ious is (n_images, n_pred, n_gt), predictions
-    in descending confidence order; the result is (n_images, n_thresholds).
+    in descending confidence order; the result is (n_images, n_thresholds), or with by_rank
+    (n_images, n_pred, n_thresholds): the true positives among the first k + 1 predictions,
+    which are those of the k + 1 most confident alone (the matching is greedy in that order).
 
     Each prediction in turn takes the still-unmatched ground-truth box of highest IoU; a hit
     needs IoU strictly greater than the threshold. All images and thresholds advance together,
@@ -32,6 +34,7 @@ def _greedy_true_positives(ious: np.ndarray, thresholds: np.ndarray) -> np.ndarr
     n_t = len(thresholds)
     free = np.ones((n_img, n_t, n_gt), dtype=bool)
     tp = np.zeros((n_img, n_t), dtype=np.int64)
+    ranks = np.zeros((n_img, n_pred, n_t), dtype=np.int64) if by_rank else None
     img_idx, t_idx = np.meshgrid(np.arange(n_img), np.arange(n_t), indexing="ij")
     for k in range(n_pred):
         candidates = np.where(free, ious[:, None, k, :], -1.0)
@@ -39,7 +42,15 @@ def _greedy_true_positives(ious: np.ndarray, thresholds: np.ndarray) -> np.ndarr
         hit = np.take_along_axis(candidates, best[..., None], axis=2)[..., 0] > thresholds
         free[img_idx[hit], t_idx[hit], best[hit]] = False
         tp += hit
-    return tp
+        if by_rank:
+            ranks[:, k] = tp
+    return ranks if by_rank else tp
+
+
+def true_positives_by_rank(ious: np.ndarray, thresholds) -> np.ndarray:
+    """(n_images, n_pred, n_thresholds): the true positives among each image's k + 1 most
+    confident predictions, for every k (ious as _greedy_true_positives takes them)."""
+    return _greedy_true_positives(ious, np.asarray(thresholds, dtype=np.float64), by_rank=True)
 
 
 def image_precisions(gt_boxes, pred_boxes, confidences, thresholds=THRESHOLDS):

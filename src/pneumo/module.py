@@ -6,6 +6,7 @@ in pneumo.callbacks; the post-processing search is the pure pneumo.postprocess.s
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import lightning as L
@@ -17,9 +18,10 @@ from pneumo.centres import centre_loss, image_outputs
 from pneumo.config import TrainConfig
 from pneumo.datamodule import augment
 from pneumo.errors import TrainingDiverged
-from pneumo.metrics import Score, mean_average_precision
+from pneumo.metrics import Score
 from pneumo.model import NetOutput, UNet, opacity_probability
-from pneumo.postprocess import PostProcess, SearchResult, apply, search
+from pneumo.postprocess import PostProcess
+from pneumo.scoring import SearchScores
 
 
 def build_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float):
@@ -60,15 +62,50 @@ def rank_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
 
 @dataclass
 class ValidationResult:
-    """One validation epoch's outputs, kept for the callbacks that draw and record them."""
+    """One validation epoch's score and choice, and the few outputs the callbacks draw.
 
-    rows: np.ndarray  # cache rows, in the order of outputs
-    outputs: list  # per image: an (S, S) float16 opacity map (mask head) or Candidates (centre head)
-    opacity: np.ndarray | None  # (N,) P(opacity) from the classifier
+    Outputs are scored batch by batch (pneumo.scoring) and dropped: only those of the first
+    positive and negative images, as many as ValidationImages may draw, are kept."""
+
+    rows: np.ndarray  # cache rows of the kept outputs, in validation order
+    outputs: list  # per kept row: an (S, S) float16 opacity map (mask head) or Candidates (centre head)
+    opacity: np.ndarray | None  # per kept row: P(opacity) from the classifier
     score: Score
     settings: PostProcess
     loss: float
     improved: bool
+    opacity_auc: float | None = None  # over the whole split
+    scoring_s: float = 0.0  # seconds spent scoring the search's candidates this epoch
+
+
+class _Validation:
+    """What one validation epoch accumulates: the search's sums, the loss, and per image only
+    its row and opacity probability (for the AUC); outputs for drawing up to `keep` of each kind."""
+
+    def __init__(self, scores: SearchScores, keep: int):
+        self.scores, self.keep = scores, keep
+        self.rows, self.opacity, self.positive = [], [], []
+        self.kept_rows, self.kept_outputs, self.kept_opacity = [], [], []
+        self.kept = {True: 0, False: 0}
+        self.loss_sum, self.n, self.scoring_s = 0.0, 0, 0.0
+
+    def add(self, rows, outputs, opacity, loss: float, gt_boxes: dict, frames: dict) -> None:
+        truth = [gt_boxes[int(r)] for r in rows]
+        start = time.perf_counter()
+        self.scores.add(outputs, [frames[int(r)] for r in rows], truth, opacity)
+        self.scoring_s += time.perf_counter() - start
+        self.loss_sum, self.n = self.loss_sum + loss * len(rows), self.n + len(rows)
+        positive = [len(t) > 0 for t in truth]
+        self.rows.append(rows)
+        self.positive += positive
+        if opacity is not None:
+            self.opacity.append(opacity)
+        for i, (row, is_positive) in enumerate(zip(rows, positive)):
+            if self.kept[is_positive] < self.keep:
+                self.kept[is_positive] += 1
+                self.kept_rows.append(int(row))
+                self.kept_outputs.append(outputs[i])
+                self.kept_opacity.append(None if opacity is None else float(opacity[i]))
 
 
 class OpacityModule(L.LightningModule):
@@ -84,7 +121,7 @@ class OpacityModule(L.LightningModule):
         self.postprocess = PostProcess(threshold=c.threshold, min_box_area=c.min_box_area)
         self.best_map = -1.0
         self.validation: ValidationResult | None = None
-        self._outputs: list[tuple] = []
+        self._validation: _Validation | None = None
 
     def forward(self, images: torch.Tensor, metadata: torch.Tensor | None = None) -> NetOutput:
         return self.net(images, metadata)
@@ -121,42 +158,37 @@ class OpacityModule(L.LightningModule):
     def on_train_epoch_start(self):
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_epoch=True, on_step=False)
 
+    def on_validation_epoch_start(self):
+        c = self.config
+        start = PostProcess(threshold=c.threshold, min_box_area=c.min_box_area)
+        self._validation = _Validation(SearchScores(start, c.postprocess, gated=c.classifier), keep=c.n_val_images)
+
     def validation_step(self, batch, batch_idx):
         out = self(batch["images"], batch["metadata"])
         loss = self._loss(out, batch).item()
         opacity = opacity_probability(out.classes).cpu().numpy() if out.classes is not None else None
-        # float16 maps: a whole validation split is held until the epoch ends (5,000+ maps on RSNA);
-        # predict keeps float32, as before
-        outs = image_outputs(out, np.float16)
-        self._outputs.append((batch["rows"].cpu().numpy(), outs, opacity, loss, len(batch["rows"])))
+        # scored now and dropped: nothing the size of the validation split is held (pneumo.scoring);
+        # float16 maps as before, so the search chooses as it did
+        dm = self.trainer.datamodule
+        self._validation.add(batch["rows"].cpu().numpy(), image_outputs(out, np.float16), opacity, loss,
+                             dm.gt_boxes, dm.frame)
 
     def on_validation_epoch_end(self):
-        outputs, self._outputs = self._outputs, []
-        if self.trainer.sanity_checking or not outputs:
+        v, self._validation = self._validation, None
+        if self.trainer.sanity_checking or v is None or not v.n:
             return
-        rows = np.concatenate([o[0] for o in outputs])
-        image_outs = [item for o in outputs for item in o[1]]
-        opacity = np.concatenate([o[2] for o in outputs]) if outputs[0][2] is not None else None
-        loss = float(sum(o[3] * o[4] for o in outputs) / sum(o[4] for o in outputs))
-        result = self._search(rows, image_outs, opacity)
+        start = time.perf_counter()
+        result = v.scores.result()
+        scoring_s = v.scoring_s + time.perf_counter() - start
         improved = result.score.map > self.best_map
         self.best_map = max(self.best_map, result.score.map)
         if improved:
             self.postprocess = result.settings
-        self.validation = ValidationResult(rows, image_outs, opacity, result.score, result.settings, loss, improved)
+        auc = rank_auc(np.concatenate(v.opacity), np.array(v.positive)) if v.opacity else None
+        kept_opacity = np.array(v.kept_opacity, dtype=np.float64) if v.opacity else None
+        self.validation = ValidationResult(np.array(v.kept_rows, dtype=np.int64), v.kept_outputs, kept_opacity,
+                                           result.score, result.settings, v.loss_sum / v.n, improved, auc, scoring_s)
         self._log_validation(self.validation)
-
-    def _search(self, rows, image_outs, opacity):
-        dm = self.trainer.datamodule
-        keys = [int(r) for r in rows]
-        truth = {k: dm.gt_boxes[k] for k in keys}
-        start = PostProcess(threshold=self.config.threshold, min_box_area=self.config.min_box_area)
-        if self.config.postprocess == "fixed":
-            preds = {k: apply(p, start, *dm.frame[k]) for k, p in zip(keys, image_outs)}
-            return SearchResult(start, mean_average_precision(truth, preds), 1)
-        return search(dict(zip(keys, image_outs)), {k: dm.frame[k] for k in keys}, truth,
-                      dict(zip(keys, opacity)) if opacity is not None else None, start,
-                      mode=self.config.postprocess)
 
     def _log_validation(self, v: ValidationResult) -> None:
         self.log("val/loss", v.loss)
@@ -165,11 +197,8 @@ class OpacityModule(L.LightningModule):
         self.log("val/gate", v.settings.gate)
         for t, value in v.score.per_threshold.items():
             self.log(f"val/map@{t}", value)
-        if v.opacity is not None:
-            dm = self.trainer.datamodule
-            auc = rank_auc(v.opacity, [len(dm.gt_boxes[int(r)]) > 0 for r in v.rows])
-            if auc is not None:
-                self.log("val/opacity_auc", auc)
+        if v.opacity_auc is not None:
+            self.log("val/opacity_auc", v.opacity_auc)
         self.log("hp/val_map", self.best_map)
 
     def configure_optimizers(self):

@@ -1,14 +1,14 @@
-"""From model outputs to the boxes a user gets, and the search that picks how.
+"""From model outputs to the boxes a user gets, and the grids of settings the search picks from.
 
 A model output for one image is either a probability map (the mask head: boxes are connected
 components above the threshold) or `Candidates` (the centre head: scored boxes decoded from
 heat-map peaks, kept above the threshold). Everything after that is the same for both.
 
 Pure functions of numpy arrays: the same `apply` runs in validation, `pneumo predict` and
-`pneumo serve`, with the settings that `search` chose on the validation split and training
-stored in the checkpoint. The search scores every candidate with the official metric, because
-the RSNA score punishes a misplaced threshold or gate hard (one box on an image without
-opacity scores that image 0).
+`pneumo serve`, with the settings that the search (pneumo.scoring, over the grids below) chose
+on the validation split and training stored in the checkpoint. The search scores every
+candidate with the official metric, because the RSNA score punishes a misplaced threshold or
+gate hard (one box on an image without opacity scores that image 0).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from pneumo.boxes import as_boxes, boxes_in_image, from_corners, iou_matrix, to_corners
-from pneumo.metrics import THRESHOLDS, Score, mean_average_precision
 
 THRESHOLD_GRID = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))  # centre-head peaks run lower than mask pixels
 GATE_GRID = (0.0, *np.round(np.arange(0.1, 0.91, 0.05), 2))
@@ -98,15 +97,25 @@ def merge_overlapping(boxes: np.ndarray, confidences: np.ndarray):
     confidence. Pairs merge one at a time, so a chain of overlaps (and a merged box that now
     overlaps another) ends as one box."""
     boxes, conf = as_boxes(boxes).copy(), np.asarray(confidences, dtype=np.float64).copy()
-    while len(boxes) > 1:
-        touching = np.triu(iou_matrix(boxes, boxes) > 0, k=1)
-        if not touching.any():
+    if len(boxes) < 2:
+        return boxes, conf
+    # which pairs overlap (upper triangle), updated for the merged box only: the search merges
+    # every threshold's boxes, and a noisy map at a low threshold has hundreds
+    touching = np.triu(iou_matrix(boxes, boxes) > 0, k=1)
+    while True:
+        rows = touching.any(axis=1)
+        if not rows.any():
             break
-        i, j = np.argwhere(touching)[0]
+        i = int(rows.argmax())  # the first overlapping pair in row-major order
+        j = int(touching[i].argmax())
         corners = to_corners(boxes[[i, j]])
         boxes[i] = from_corners(np.concatenate([corners[:, :2].min(0), corners[:, 2:].max(0)]))[0]
         conf[i] = max(conf[i], conf[j])
         boxes, conf = np.delete(boxes, j, axis=0), np.delete(conf, j)
+        touching = np.delete(np.delete(touching, j, axis=0), j, axis=1)
+        overlaps = iou_matrix(boxes[i:i + 1], boxes)[0] > 0
+        touching[i, i + 1:] = overlaps[i + 1:]
+        touching[:i, i] = overlaps[:i]
     return boxes, conf
 
 
@@ -139,94 +148,3 @@ def apply(output, settings: PostProcess, rows: int, columns: int, opacity: float
         return np.zeros((0, 4)), np.zeros(0)
     boxes, conf = shape_boxes(*candidates(output, settings.threshold, rows, columns), settings)
     return boxes, conf * (opacity if opacity is not None else 1.0)
-
-
-@dataclass
-class SearchResult:
-    settings: PostProcess
-    score: Score
-    tried: int  # candidate settings scored
-
-
-def _plateau_best(values: np.ndarray) -> int:
-    """The index of the best value smoothed over its neighbours: the middle of a plateau holds on
-    new data, an isolated peak is noise of a small validation set."""
-    smooth = np.convolve(np.pad(values, 1, mode="edge"), [0.25, 0.5, 0.25], mode="valid")
-    best = np.flatnonzero(smooth >= smooth.max() - 1e-12)
-    return int(best[len(best) // 2])  # the middle of equally good values
-
-
-def _gated_maps(per_image: dict, has_gt: dict, has_boxes: dict, opacity: dict, gates) -> np.ndarray:
-    """The dataset score at each gate from one ungated scoring: a gated positive image scores 0,
-    a gated negative image is skipped (it has neither truth nor boxes)."""
-    ids = list(has_gt)
-    positive = np.array([has_gt[i] for i in ids])
-    boxed = np.array([has_boxes[i] for i in ids])
-    score = np.array([per_image.get(i, 0.0) for i in ids])
-    prob = np.array([opacity[i] for i in ids])
-    maps = []
-    for gate in gates:
-        open_ = prob >= gate
-        n = positive.sum() + (~positive & boxed & open_).sum()
-        maps.append(float((score * (positive & open_)).sum() / n) if n else 0.0)
-    return np.array(maps)
-
-
-def search(outputs, frames, ground_truth, opacity=None, start: PostProcess = PostProcess(),
-           mode: str = "search") -> SearchResult:
-    """The post-processing that scores best on these validation outputs.
-
-    outputs: {key: model-resolution probability map or Candidates}; frames: {key: (rows, columns)}; ground_truth:
-    {key: boxes in the image frame}; opacity: {key: P(opacity)} or None. mode "threshold"
-    searches the threshold alone (start's other settings); "gate" then, given opacities, the
-    gate around the best thresholds; "search" the shape settings (SHAPE_GRID) with the gate.
-    """
-    keys = list(ground_truth)
-    by_threshold = {t: {k: candidates(outputs[k], t, *frames[k]) for k in keys} for t in THRESHOLD_GRID}
-    tried = 0
-
-    def score(settings: PostProcess) -> tuple[Score, dict]:
-        nonlocal tried
-        tried += 1
-        # a gated image has no predictions, as apply() leaves it
-        open_ = keys if not settings.gate else [k for k in keys if opacity[k] >= settings.gate]
-        preds = {k: shape_boxes(*by_threshold[settings.threshold][k], settings) for k in open_}
-        return mean_average_precision(ground_truth, preds, THRESHOLDS), preds
-
-    base = dataclasses.replace(start, gate=0.0)
-    maps = [score(dataclasses.replace(base, threshold=float(t)))[0].map for t in THRESHOLD_GRID]
-    best_t = _plateau_best(np.array(maps))
-    best = dataclasses.replace(base, threshold=float(THRESHOLD_GRID[best_t]))
-    if mode != "threshold":
-        grid = SHAPE_GRID if mode == "search" else {}
-        best = _search_shape_and_gate(best, best_t, score, ground_truth, opacity, grid)
-    return SearchResult(best, score(best)[0], tried)
-
-
-def _search_shape_and_gate(best: PostProcess, best_t: int, score, ground_truth, opacity, grid: dict) -> PostProcess:
-    has_gt = {k: len(as_boxes(g)) > 0 for k, g in ground_truth.items()}
-    gates = GATE_GRID if opacity is not None else (0.0,)
-    best_value = -1.0
-    neighbours = THRESHOLD_GRID[max(0, best_t - 1): best_t + 2]
-    for t in neighbours:
-        for values in _product(grid):
-            # scored ungated: one scoring gives every gate's score (_gated_maps)
-            settings = dataclasses.replace(best, threshold=float(t), gate=0.0, **values)
-            result, preds = score(settings)
-            if opacity is None:
-                maps = np.array([result.map])
-            else:
-                has_boxes = {k: len(preds[k][0]) > 0 for k in ground_truth}
-                maps = _gated_maps(result.per_image, has_gt, has_boxes, opacity, gates)
-            i = _plateau_best(maps) if len(maps) > 1 else 0
-            if maps[i] > best_value + 1e-9:
-                best_value, best = float(maps[i]), dataclasses.replace(settings, gate=float(gates[i]))
-    return best
-
-
-def _product(grid: dict):
-    import itertools
-
-    names = list(grid)
-    for values in itertools.product(*(grid[n] for n in names)):
-        yield dict(zip(names, values))
