@@ -179,6 +179,13 @@ def _run_all(page, panel, timeout: float) -> None:
     _wait_idle(page)
 
 
+def _save(page) -> None:
+    """File > Save Notebook (Ctrl+S), then wait until the tab is no longer marked modified."""
+    page.get_by_role("menuitem", name="File", exact=True).click()
+    page.get_by_role("menuitem", name=re.compile(r"^Save Notebook(?! As)")).click()  # its name ends in Ctrl+S
+    page.wait_for_function("() => !document.querySelector('.lm-TabBar-tab.jp-mod-current.jp-mod-dirty')", timeout=30_000)
+
+
 def _shut_down_kernels(lab) -> None:
     """Free the CPU and memory of a finished notebook's kernel before the next one starts."""
     url, token = lab
@@ -210,7 +217,7 @@ def _screenshot_cells(panel, stem: str) -> None:
 
 
 def _viewer_image(viewer) -> str:
-    return viewer.locator(".widget-output img").first.get_attribute("src")
+    return viewer.locator("img").first.get_attribute("src")
 
 
 def _changes_image(page, viewer, action, what: str, stem: str) -> str:
@@ -219,11 +226,11 @@ def _changes_image(page, viewer, action, what: str, stem: str) -> str:
     action()
     try:
         page.wait_for_function(
-            "([root, before]) => { const img = root.querySelector('.widget-output img'); return img && img.src !== before; }",
+            "([root, before]) => { const img = root.querySelector('img'); return img && img.src !== before; }",
             arg=[viewer.element_handle(), before], timeout=30_000, polling=200)
     except Exception as exc:  # Playwright's TimeoutError: say which control did nothing
         raise AssertionError(f"{stem}: changing the viewer's {what} did not change the image") from exc
-    viewer.locator(".widget-output img").first.evaluate("i => i.decode()")
+    viewer.locator("img").first.evaluate("i => i.decode()")
     viewer.screenshot(path=SCREENS / f"{stem}-viewer-{what.replace(' ', '-')}.png")
     return _viewer_image(viewer)
 
@@ -244,7 +251,7 @@ def _type_in_readout(page, slider, value: int) -> None:
 def _use_viewer(page, panel, stem: str) -> None:
     """Every control of the explore viewer changes what it shows: class, patient, level, width, boxes."""
     viewer = panel.locator(".widget-vbox").first
-    viewer.locator(".widget-output img").first.wait_for(timeout=60_000)
+    viewer.locator("img").first.wait_for(timeout=60_000)
     for control in (".widget-dropdown select", ".widget-checkbox input"):
         assert viewer.locator(control).count() == 1, f"{stem}: viewer control {control} missing"
     assert viewer.locator(".widget-hslider").count() == 3, f"{stem}: the patient, level and width sliders"
@@ -264,7 +271,7 @@ def _use_viewer(page, panel, stem: str) -> None:
 
 
 def _viewer_cell(panel):
-    return panel.locator(".jp-CodeCell").filter(has=panel.locator(".widget-vbox")).first
+    return panel.locator(".jp-CodeCell").filter(has=panel.page.locator(".widget-vbox")).first
 
 
 def _explore(page, lab) -> None:
@@ -272,14 +279,15 @@ def _explore(page, lab) -> None:
     _run_all(page, panel, timeout=240_000)
     _screenshot_cells(panel, "01-explore")
     _check_outputs(panel, "01-explore", min_images=3)  # overview figure, samples grid, the viewer's image
-    outside = _viewer_cell(panel).locator(".jp-OutputArea-output img:not(.widget-output img)")
-    assert outside.count() == 0, "01-explore: the viewer cell shows a still image beside the live viewer"
+    shown = _viewer_cell(panel).locator(".jp-OutputArea-output img")
+    assert shown.count() == 1, f"01-explore: the viewer cell shows {shown.count()} images (a still copy beside the live one?)"
     _use_viewer(page, panel, "01-explore")
-    # the viewer outlives a page reload (the widgets come back from the live kernel) ...
+    # saved, the viewer outlives a page reload (its widgets come back from the live kernel) ...
+    _save(page)
     page.reload()
     panel = page.locator(".jp-NotebookPanel:visible")
     viewer = _viewer_cell(panel).locator(".widget-vbox").first
-    viewer.locator(".widget-output img").first.wait_for(timeout=60_000)
+    viewer.locator("img").first.wait_for(timeout=60_000)
     _changes_image(page, viewer, lambda: _type_in_readout(page, _slider(viewer, "level"), 200), "level after reload", "01-explore")
     # ... and a second Run All: a fresh viewer that works like the first
     _run_all(page, panel, timeout=240_000)
