@@ -102,9 +102,13 @@ def sweep(session: nox.Session) -> None:
 
 @nox.session
 def lab(session: nox.Session) -> None:
-    """Start JupyterLab on the notebooks (the package is installed in the kernel's venv)."""
+    """Start JupyterLab on the notebooks (open 01-explore first); writes outputs/synth if there is no data."""
     install(session, extras="")
-    session.run("jupyter", "lab", "--notebook-dir=notebooks", *session.posargs)
+    # the notebooks' default data_dir; the same dataset nox -s sweep makes and reuses
+    if not os.path.isdir("outputs/synth/stage_2_train_images"):
+        session.run("pneumo", "synth", "outputs/synth", "--n-train", "400", "--n-test", "60")
+    # JUPYTER_PREFER_ENV_PATH: this venv's python3 kernel (with pneumo) before a user's own python3 kernelspec
+    session.run("jupyter", "lab", "--notebook-dir=notebooks", *session.posargs, env={"JUPYTER_PREFER_ENV_PATH": "1"})
 
 
 @nox.session

@@ -65,14 +65,28 @@ def test_show_patient_and_samples(prepared, synth_dir):
 def test_viewer_follows_its_controls(prepared, synth_dir):
     import ipywidgets
 
-    box = viewer(synth_dir, prepared.features, prepared.boxes)
-    assert isinstance(box, ipywidgets.VBox)
-    klass, index, _ = box.children[0].children
-    label = box.children[2]
-    first = label.value
-    assert first.split()[0] in set(prepared.features["patientId"])
+    shown = viewer(synth_dir, prepared.features, prepared.boxes, size=128)
+    assert isinstance(shown.widget, ipywidgets.VBox)
+    klass, index, show = shown.widget.children[0].children
+    label, picture = shown.widget.children[2:]
+    first, first_png = label.value, picture.value
+    assert first.split()[0] in set(prepared.features["patientId"]) and bytes(first_png).startswith(b"\x89PNG")
     index.value = 1
-    assert label.value != first
+    assert label.value != first and picture.value != first_png
     klass.value = klass.options[-1]
+    assert index.value == 0  # a new class starts at its first patient
     pid = label.value.split()[0]
     assert prepared.features.set_index("patientId").loc[pid, "class"] == klass.options[-1]
+    before = picture.value
+    shown.level.value = 40
+    assert picture.value != before
+
+
+def test_viewer_output_carries_a_still_image(prepared, synth_dir):
+    """Frontends without widgets (papermill, nbconvert) show the PNG; JupyterLab shows the widget."""
+    import base64
+
+    shown = viewer(synth_dir, prepared.features, prepared.boxes, size=128)
+    bundle = shown._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert base64.b64decode(bundle["image/png"]) == bytes(shown.picture.value)

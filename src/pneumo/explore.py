@@ -27,12 +27,15 @@ def overview_figure(features: pd.DataFrame, boxes: pd.DataFrame):
 
     from pneumo.plots import box_heatmap
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for klass, group in features.groupby("class"):
-        axes[0].hist(group["PatientAge"].dropna(), bins=20, alpha=0.5, label=klass)
-    axes[0].set(title="age by class", xlabel="years")
-    axes[0].legend(fontsize=7)
-    axes[1].scatter(boxes["width"], boxes["height"], s=4, alpha=0.5)
+    # 10 inches: JupyterLab shows it at its own size beside the file browser (a wider figure is
+    # shrunk to the notebook's width, and its labels with it)
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.3))
+    bins = np.linspace(0, max(100, features["PatientAge"].max()), 21)
+    for klass, group in features.groupby("class"):  # outlines: three overlapping filled histograms are mud
+        axes[0].hist(group["PatientAge"].dropna(), bins=bins, histtype="step", linewidth=1.5, label=klass)
+    axes[0].set(title="age by class", xlabel="years", ylabel="patients")
+    axes[0].legend(fontsize="small")
+    axes[1].scatter(boxes["width"], boxes["height"], s=8, alpha=0.5)
     axes[1].set(title="box sizes (original pixels)", xlabel="width", ylabel="height")
     frame = features.set_index("patientId").loc[boxes["patientId"]]
     heat = box_heatmap(boxes[["x", "y", "width", "height"]].to_numpy(), frame["rows"].to_numpy(), frame["columns"].to_numpy())
@@ -63,6 +66,8 @@ def samples_per_class(data_dir, features: pd.DataFrame, boxes: pd.DataFrame, per
     """A grid image: one row per class, per_class annotated samples each."""
     from PIL import Image
 
+    from pneumo.render import caption
+
     rng = np.random.default_rng(seed)
     classes = sorted(features["class"].unique())
     tile = 256
@@ -71,45 +76,75 @@ def samples_per_class(data_dir, features: pd.DataFrame, boxes: pd.DataFrame, per
         pids = features.loc[features["class"] == klass, "patientId"].to_numpy()
         for c, pid in enumerate(rng.choice(pids, size=min(per_class, len(pids)), replace=False)):
             b = boxes.loc[boxes["patientId"] == pid, ["x", "y", "width", "height"]].to_numpy()
-            grid.paste(show_patient(data_dir, pid, b, size=tile), (c * tile, r * tile))
+            shown = show_patient(data_dir, pid, b, size=tile)
+            grid.paste(caption(shown, klass) if c == 0 else shown, (c * tile, r * tile))  # each row says its class
     return grid, classes
 
 
-def viewer(data_dir, features: pd.DataFrame, boxes: pd.DataFrame):
-    """ipywidgets viewer: browse patients by class, show/hide boxes, adjust window/level.
+class Viewer:
+    """Browse patients by class, show/hide boxes, adjust window/level (ipywidgets).
 
-    Returns the widget box; where no widget frontend runs (papermill, a terminal) it also
-    works: the first image is displayed statically by the caller.
+    Displayed, it is one widget (controls, patient line, image); its output also carries the
+    current image as a plain PNG, which frontends without widgets show instead (papermill,
+    nbconvert, GitHub). A live JupyterLab shows the widget alone: no still copy beside it.
     """
-    import ipywidgets as widgets
 
-    klass = widgets.Dropdown(options=sorted(features["class"].unique()), description="class")
-    index = widgets.IntSlider(min=0, max=0, description="patient")
-    level = widgets.IntSlider(value=128, min=0, max=255, description="level")
-    width_ = widgets.IntSlider(value=256, min=8, max=512, description="width")
-    show = widgets.Checkbox(value=True, description="boxes")
-    label = widgets.Label()
-    out = widgets.Output()
+    def __init__(self, data_dir, features: pd.DataFrame, boxes: pd.DataFrame, size: int = 512):
+        import ipywidgets as widgets
 
-    def pids():
-        return features.loc[features["class"] == klass.value, "patientId"].tolist()
+        self.data_dir, self.features, self.boxes, self.size = data_dir, features, boxes, size
+        self._rows = features.set_index("patientId")
+        # a redraw reads and encodes a DICOM: sliders update on release, not for every pixel dragged
+        common = {"continuous_update": False, "style": {"description_width": "4em"}}
+        self.klass = widgets.Dropdown(options=sorted(features["class"].unique()), description="class",
+                                      layout={"width": "22em"}, style=common["style"])
+        self.index = widgets.IntSlider(min=0, max=0, description="patient", **common)
+        self.level = widgets.IntSlider(value=128, min=0, max=255, description="level", **common)
+        self.width = widgets.IntSlider(value=256, min=8, max=512, description="width", **common)
+        self.show_boxes = widgets.Checkbox(value=True, description="boxes", indent=False)
+        self.label = widgets.Label()
+        self.picture = widgets.Image(format="png", width=size, height=size)
+        self.widget = widgets.VBox([widgets.HBox([self.klass, self.index, self.show_boxes]),
+                                    widgets.HBox([self.level, self.width]), self.label, self.picture])
+        self.klass.observe(self._class_changed, names="value")
+        for control in (self.index, self.level, self.width, self.show_boxes):
+            control.observe(self.redraw, names="value")
+        self._class_changed()
 
-    def redraw(*_):
-        ids = pids()
-        index.max = max(len(ids) - 1, 0)
+    def patients(self) -> list[str]:
+        return self.features.loc[self.features["class"] == self.klass.value, "patientId"].tolist()
+
+    def _class_changed(self, *_):
+        """A new class starts at its first patient, with one redraw (not one per slider bound moved)."""
+        self.index.unobserve(self.redraw, names="value")
+        self.index.value = 0
+        self.index.max = max(len(self.patients()) - 1, 0)
+        self.index.observe(self.redraw, names="value")
+        self.redraw()
+
+    def redraw(self, *_):
+        import io
+
+        ids = self.patients()
         if not ids:
             return
-        pid = ids[min(index.value, len(ids) - 1)]
-        b = boxes.loc[boxes["patientId"] == pid, ["x", "y", "width", "height"]].to_numpy()
-        row = features.set_index("patientId").loc[pid]
-        label.value = f"{pid}  {row['PatientSex']} {row['PatientAge']:.0f}y {row['ViewPosition']}  boxes: {len(b)}"
-        with out:
-            from IPython.display import clear_output, display
+        self.patient = ids[min(self.index.value, len(ids) - 1)]
+        b = self.boxes.loc[self.boxes["patientId"] == self.patient, ["x", "y", "width", "height"]].to_numpy()
+        row = self._rows.loc[self.patient]
+        self.label.value = f"{self.patient}  {row['PatientSex']} {row['PatientAge']:.0f}y {row['ViewPosition']}  boxes: {len(b)}"
+        image = show_patient(self.data_dir, self.patient, b, self.level.value, self.width.value,
+                             self.show_boxes.value, size=self.size)
+        buffer = io.BytesIO()
+        image.save(buffer, format="png")
+        self.picture.value = buffer.getvalue()
 
-            clear_output(wait=True)
-            display(show_patient(data_dir, pid, b, level.value, width_.value, show.value))
+    def _repr_mimebundle_(self, **kwargs):
+        import base64
 
-    for w in (klass, index, level, width_, show):
-        w.observe(redraw, names="value")
-    redraw()
-    return widgets.VBox([widgets.HBox([klass, index, show]), widgets.HBox([level, width_]), label, out])
+        bundle = self.widget._repr_mimebundle_(**kwargs) or {}
+        return {**bundle, "image/png": base64.b64encode(self.picture.value).decode("ascii")}
+
+
+def viewer(data_dir, features: pd.DataFrame, boxes: pd.DataFrame, size: int = 512) -> Viewer:
+    """The interactive viewer of 01-explore (the last expression of a cell displays it)."""
+    return Viewer(data_dir, features, boxes, size)

@@ -13,13 +13,18 @@ def learning_curves(metrics: dict):
 
     history = metrics.get("history", [])
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 3.6))
+    from matplotlib.ticker import MaxNLocator
+
+    # 10 inches: shown at its own size in JupyterLab, not shrunk (with its labels) to the notebook's width
+    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(10, 3.4))
     ax_loss.plot(epochs, [h.get("train_loss") for h in history], "o-", label="train")
     ax_loss.plot(epochs, [h.get("val_loss") for h in history], "o-", label="validation")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_loss.legend()
     ax_map.plot(epochs, [h["val_map"] for h in history], "o-", color="C2")
     ax_map.set(xlabel="epoch", ylabel="mAP", title="validation mAP (official RSNA)", ylim=(0, 1))
+    for ax in (ax_loss, ax_map):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 0.96 ... 1.04 after one epoch
     if metrics.get("best_epoch"):
         ax_map.axvline(metrics["best_epoch"], color="grey", ls="--", lw=1)
     fig.tight_layout()

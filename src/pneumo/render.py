@@ -49,3 +49,16 @@ def annotate(image: np.ndarray, pred_boxes=(), confidences=(), gt_boxes=()) -> I
         draw.rectangle([x, ty, x + right - left + 2 * line, ty + bottom - top + 2 * line], fill=_PRED)
         draw.text((x + line - left, ty + line - top), label, fill=_WHITE, font=font)
     return canvas
+
+
+def caption(image, text: str, size: int | None = None):
+    """Write `text` in white on a black band at the top-left of an RGB Pillow image (in place)."""
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(image)
+    font = _font(size or max(12, round(min(image.size) / 14)))
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    pad = max(2, font.size // 5) if hasattr(font, "size") else 3
+    draw.rectangle([0, 0, right - left + 2 * pad, bottom - top + 2 * pad], fill=(0, 0, 0))
+    draw.text((pad - left, pad - top), text, fill=(255, 255, 255), font=font)
+    return image
