@@ -209,3 +209,10 @@ def test_a_marathon_of_other_parameters_is_kept_and_a_new_one_named(tmp_path):
     assert _marathon_run(runs_root, {**params, "optimizer": "sgd"}).name == "marathon-2"  # best run changed
     assert _marathon_run(runs_root, {**params, "epochs": 9}).name == "marathon-2"  # overrides changed
     assert TrainConfig.from_dict(RunDir(runs_root / "marathon").read_config()).optimizer == "adam"  # kept
+
+
+def test_a_nul_in_a_path_parameter_is_one_sweep_error(tmp_path):
+    path = _write(tmp_path, {"name": "s", "notebook": NOTEBOOK, "base": {"data_dir": "data\0x", **TINY},
+                             "runs": [{"optimizer": "adam"}]})
+    with pytest.raises(SweepError, match="NUL"):  # was ValueError: embedded null byte, a traceback
+        load_sweep(path)

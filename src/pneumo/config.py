@@ -152,6 +152,8 @@ def _coerce(name, value, hint, source):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
         elif kind is str and isinstance(value, str):
+            if "\0" in value:  # no file system takes it: every path use would raise ValueError
+                raise ConfigError(f"{source}: {name} holds a NUL character: {value!r}")
             return value
     names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
     raise ConfigError(f"{source}: {name} must be {names}, not {value!r}")

@@ -189,12 +189,7 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
         # part file adds a suffix (and its temporary file a prefix) to it
         return parts / f"{hashlib.sha256(path.name.encode('utf-8', 'surrogateescape')).hexdigest()[:32]}.json"
 
-    first_of: dict[str, Path] = {}  # one patientId, one row: later names of a patientId are errors
-    for f in files:
-        if f.stem in first_of:
-            atomic_write_json(part_path(f), {"path": str(f), "error": f"duplicate patientId (also {first_of[f.stem]})"})
-        else:
-            first_of[f.stem] = f
+    _mark_duplicates(files, part_path)
     todo = [f for f in files if not part_path(f).is_file()]
     if len(todo) < len(files):
         log.info("skipping %d files done by an earlier run", len(files) - len(todo))
@@ -229,6 +224,17 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
                                                 "meta": {k: item.meta.get(k) for k in SUBGROUP_FIELDS}})
     seconds = time.perf_counter() - start
     return _assemble(files, part_path, out, predictor, gt, len(todo), seconds, (dicom_sr, dicom_gsps))
+
+
+def _mark_duplicates(files, part_path) -> None:
+    """One patientId, one row: a later name of the same stem (abc, abc.dcm) is an error, decided
+    over the whole folder so that a re-run after a new name appeared cannot add a second row."""
+    first_of: dict[str, Path] = {}
+    for f in files:
+        if f.stem in first_of:
+            atomic_write_json(part_path(f), {"path": str(f), "error": f"duplicate patientId (also {first_of[f.stem]})"})
+        else:
+            first_of[f.stem] = f
 
 
 def _printable(text: str) -> str:

@@ -97,6 +97,8 @@ def _labels_and_classes(lay):
                        "labels row with an empty Target" if value != value else f"labels row with Target {value:g}, not 0 or 1")
     labels = labels[~labels["patientId"].isin(set(bad))]
     target = labels.groupby("patientId")["Target"].max()
+    if target.empty:
+        raise DataError(f"{lay.labels}: no labelled rows to prepare ({len(bad)} patients with bad rows)")
     try:
         info = read_csv(lay.class_info, CLASS_COLUMNS).drop_duplicates("patientId").set_index("patientId")["class"]
     except DataError as exc:
@@ -217,8 +219,6 @@ def prepare(data_dir, out=None, image_size: int = TrainConfig.image_size, val_fr
     _check_replaceable(out, lay.root)
     start = time.perf_counter()
     target, classes, boxes, bad_labels = _labels_and_classes(lay)
-    if target.empty:
-        raise DataError(f"{lay.labels}: no labelled rows to prepare ({len(bad_labels)} patients with bad rows)")
     # every file is either decoded or listed in skipped.csv; read_dicom judges the non-.dcm ones
     listing = dicom_files(lay.train_images)
     files = [p for p in listing if p.stem in classes]

@@ -115,8 +115,6 @@ def load_sweep(path, data_dir=None) -> Sweep:
     for i, entry in enumerate(entries, 1):
         run = run_name(i, entry)
         params = {**base, **entry}
-        if "data_dir" in params:  # runs execute in their own run directory: make the path absolute
-            params["data_dir"] = str(Path(str(params["data_dir"])).expanduser().resolve())
         missing = sorted(set(params) - allowed)
         if missing:
             raise SweepError(f"{path}: run {run}: parameter(s) {', '.join(missing)} not in the parameters cell "
@@ -125,6 +123,8 @@ def load_sweep(path, data_dir=None) -> Sweep:
             TrainConfig.from_dict(params, source=f"run {run}")
         except ConfigError as exc:
             raise SweepError(f"{path}: {exc}") from None
+        if "data_dir" in params:  # runs execute in their own run directory: make the path absolute
+            params["data_dir"] = str(Path(str(params["data_dir"])).expanduser().resolve())
         runs.append(Run(run, params))
     marathon = spec.get("marathon") or {}
     if isinstance(marathon, str):  # a path to a marathon params file, relative to this one
