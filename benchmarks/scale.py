@@ -51,7 +51,7 @@ class _TreeMemory(threading.Thread):
 
     def __init__(self, pid: int, every: float = 0.2):
         super().__init__(daemon=True)
-        self.pid, self.every, self._stop = pid, every, threading.Event()
+        self.pid, self.every, self._done = pid, every, threading.Event()
         self.peak = self.largest = self.peak_private = 0
 
     def run(self):
@@ -61,7 +61,7 @@ class _TreeMemory(threading.Thread):
             root = psutil.Process(self.pid)
         except psutil.NoSuchProcess:
             return
-        while not self._stop.is_set():
+        while not self._done.is_set():
             total = private = 0
             try:
                 for p in [root, *root.children(recursive=True)]:
@@ -76,10 +76,10 @@ class _TreeMemory(threading.Thread):
                 break
             self.peak = max(self.peak, total)
             self.peak_private = max(self.peak_private, private)
-            self._stop.wait(self.every)
+            self._done.wait(self.every)
 
     def stop(self):
-        self._stop.set()
+        self._done.set()
         self.join()
 
 
@@ -308,6 +308,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--profile", default="params/real-cpu.yaml", help="training parameters")
     parser.add_argument("--real", type=Path, default=REAL / "stage_2_train_images", help="real DICOMs for `decode`")
     parser.add_argument("--pneumo-src", default="", help="run the steps with another checkout's src/ (before/after)")
+    parser.add_argument("--model", default="", help="predict with this run or model instead of the 128 px epoch's")
     parser.add_argument("--label", default="", help="a name for this run: figures go to scale[-LABEL].json")
     args = parser.parse_args(argv)
     global PNEUMO_SRC
@@ -333,8 +334,10 @@ def main(argv: list[str]) -> int:
 
     def save():
         result["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+        from pneumo.io import atomic_write_json
+
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_json(out, result)  # read while the benchmark runs: never half-written
 
     steps = result["steps"]
     if "decode" in parts:
@@ -354,7 +357,7 @@ def main(argv: list[str]) -> int:
         if "train" in parts:
             steps[f"train_{size}"] = step_train(caches[size], size, args.profile, suffix)
             save()
-    run = steps.get(f"train_{sizes[0]}", {}).get("run")
+    run = args.model or steps.get(f"train_{sizes[0]}", {}).get("run")
     labels = data / "stage_2_test_labels.csv"
     if run and "predict" in parts:
         for png in (False, True):

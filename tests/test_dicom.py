@@ -194,7 +194,9 @@ def test_model_size_decode_scales_jpeg_in_the_decoder_and_matches_the_full_decod
             scaled, scaled_meta = read_dicom(path, min_size=size)
             assert scaled.shape == (side, side) and scaled_meta == meta  # the frame stays the file's own
             diff = np.abs(resize_area(scaled, size).astype(int) - resize_area(full, size).astype(int))
-            assert diff.mean() < 1.0 and diff.max() <= 8
+            # an exact scale (a power of two of the side) stays under a grey level; another size is
+            # area-resized from the next larger scale, a different filter: within 1.5 on these noisy images
+            assert diff.mean() < (1.0 if size == side else 1.5) and diff.max() <= 12
 
 
 def test_model_size_decode_keeps_other_files_whole(tmp_path, synth_dir):

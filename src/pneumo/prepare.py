@@ -158,8 +158,11 @@ def _decode_into(npy: Path, files, image_size: int, workers, client, skipped: li
     if len(rows) < len(files):  # rewrite without the rows of skipped files
         full = np.load(npy, mmap_mode="r")
         kept = npy.with_name(f"{npy.stem}.kept.npy")
-        np.save(kept, np.asarray(full[:len(rows)]))
-        del full
+        out = np.lib.format.open_memmap(kept, mode="w+", dtype=np.uint8, shape=(len(rows), image_size, image_size))
+        for start in range(0, len(rows), 1024):  # in chunks: the cache can be larger than memory
+            out[start:start + 1024] = full[start:min(start + 1024, len(rows))]
+        out.flush()
+        del full, out
         os.replace(kept, npy)
     return rows
 
