@@ -99,7 +99,7 @@ def _lab_environment(state: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def lab(project, sync_playwright):
+def lab(sync_playwright, project):  # the skip comes first, before any data is made
     """A JupyterLab server on the project copy: yields (base url, token)."""
     state = project / ".lab-state"
     state.mkdir()
@@ -304,7 +304,7 @@ def _train(page, lab, project: Path) -> Path:
     assert len(runs) == 1 and (runs[0] / "metrics.json").is_file(), runs
     metrics = json.loads((runs[0] / "metrics.json").read_text())
     assert len(metrics["history"]) == TRAIN_PARAMETERS["epochs"]
-    assert panel.get_by_text("best val mAP").count() == 1
+    assert panel.locator(".jp-OutputArea-output").get_by_text("best val mAP").count() == 1
     return runs[0]
 
 
@@ -314,7 +314,7 @@ def _predict(page, lab, project: Path, run: Path) -> None:
     _run_all(page, panel, timeout=240_000)
     _screenshot_cells(panel, "03-predict")
     _check_outputs(panel, "03-predict", min_images=1)  # the annotated images
-    assert panel.get_by_text("PredictionString").count() == 1, "the submission table"
+    assert panel.locator(".jp-OutputArea-output").get_by_text("PredictionString").count() == 1, "the submission table"
     assert (project / "outputs" / "predictions" / "notebook" / "submission.csv").is_file()
 
 

@@ -52,3 +52,14 @@ def test_palette_png_round_trips(synth_dir, tmp_path):
         assert back.mode == "P" and back.size == (item.full.shape[1], item.full.shape[0])
         assert np.array_equal(np.asarray(back), np.asarray(drawn))
         assert back.getpalette() == drawn.getpalette()
+
+
+def test_caption_writes_on_a_dark_band_at_the_top_left():
+    from pneumo.render import caption
+
+    image = Image.new("RGB", (256, 256), (128, 128, 128))
+    caption(image, "No Lung Opacity / Not Normal")
+    pixels = np.asarray(image)
+    band = pixels[:16, :200]
+    assert (band == 0).any() and (band == 255).any()  # black band, white letters
+    assert (pixels[40:, :] == 128).all()  # the image below the band untouched

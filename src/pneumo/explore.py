@@ -34,7 +34,8 @@ def overview_figure(features: pd.DataFrame, boxes: pd.DataFrame):
     for klass, group in features.groupby("class"):  # outlines: three overlapping filled histograms are mud
         axes[0].hist(group["PatientAge"].dropna(), bins=bins, histtype="step", linewidth=1.5, label=klass)
     axes[0].set(title="age by class", xlabel="years", ylabel="patients")
-    axes[0].legend(fontsize="small")
+    axes[0].set_ylim(top=axes[0].get_ylim()[1] * 1.45)  # head room: the legend above the bars, not on them
+    axes[0].legend(fontsize="small", loc="upper left")
     axes[1].scatter(boxes["width"], boxes["height"], s=8, alpha=0.5)
     axes[1].set(title="box sizes (original pixels)", xlabel="width", ylabel="height")
     frame = features.set_index("patientId").loc[boxes["patientId"]]

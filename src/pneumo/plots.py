@@ -24,7 +24,8 @@ def learning_curves(metrics: dict):
     ax_map.plot(epochs, [h["val_map"] for h in history], "o-", color="C2")
     ax_map.set(xlabel="epoch", ylabel="mAP", title="validation mAP (official RSNA)", ylim=(0, 1))
     for ax in (ax_loss, ax_map):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 0.96 ... 1.04 after one epoch
+        # whole epochs: not 0.96 ... 1.04 after one epoch (min_n_ticks=1 lets one tick stand alone)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     if metrics.get("best_epoch"):
         ax_map.axvline(metrics["best_epoch"], color="grey", ls="--", lw=1)
     fig.tight_layout()
