@@ -183,3 +183,13 @@ def test_an_image_at_the_pixel_limit_is_still_read(tmp_path, monkeypatch):
     assert image.shape == (48, 64)
     with pytest.raises(DicomError, match="over the limit"):
         read_dicom(write_uncompressed(tmp_path / "b.dcm", np.zeros((49, 64), np.uint16)))
+
+
+def test_an_unknown_value_representation_is_one_dicom_error(synth_dir, tmp_path):
+    """Found by the property tests: pydicom raises NotImplementedError for it on first access."""
+    raw = next((synth_dir / "stage_2_test_images").glob("*.dcm")).read_bytes()
+    path = tmp_path / "vr.dcm"
+    path.write_bytes(raw.replace(b"\x10\x00\x20\x00LO", b"\x10\x00\x20\x00L\x00", 1))  # PatientID's VR
+    for reader in (read_dicom, read_meta):
+        with pytest.raises(DicomError, match="invalid DICOM header value"):
+            reader(path)
