@@ -208,3 +208,13 @@ def test_model_size_decode_keeps_other_files_whole(tmp_path, synth_dir):
     ds.WindowCenter, ds.WindowWidth = 128, 200
     ds.save_as(windowed)
     assert read_dicom(windowed, min_size=64)[0].shape == (256, 256)
+
+
+def test_an_unknown_value_representation_is_one_dicom_error(synth_dir, tmp_path):
+    """Found by the property tests: pydicom raises NotImplementedError for it on first access."""
+    raw = next((synth_dir / "stage_2_test_images").glob("*.dcm")).read_bytes()
+    path = tmp_path / "vr.dcm"
+    path.write_bytes(raw.replace(b"\x10\x00\x20\x00LO", b"\x10\x00\x20\x00L\x00", 1))  # PatientID's VR
+    for reader in (read_dicom, read_meta):
+        with pytest.raises(DicomError, match="invalid DICOM header value"):
+            reader(path)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from pneumo.errors import PneumoError
@@ -66,6 +66,8 @@ def _labels(draw):
 
 @PROPERTY
 @given(labels=_labels())
+@example(labels=({"NaN": [], "null": [(1, 2, 3, 4)]},  # found: pandas read these ids as missing
+                 "patientId,x,y,width,height,Target\nNaN,,,,,0\nnull,1,2,3,4,1\n"))
 def test_valid_labels_lose_no_row_and_invent_none(tmp_path, labels):
     from pneumo.data import read_labels
 
@@ -241,6 +243,7 @@ TRAIN_KEYS = st.sampled_from(["lr", "optimizer", "epochs", "image_size", "batch_
 @given(values=st.one_of(st.dictionaries(TRAIN_KEYS, st.one_of(YAML_SCALARS, st.lists(YAML_SCALARS, max_size=2)),
                                         max_size=6), YAML_SCALARS, st.lists(YAML_SCALARS, max_size=3)),
        garbage=st.text(max_size=30))
+@example(values={}, garbage="?")  # found: "?" is {None: None}, and naming the null key raised TypeError
 def test_any_params_yaml_is_a_config_or_one_config_error(tmp_path, values, garbage):
     import yaml
 

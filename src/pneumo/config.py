@@ -113,7 +113,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict, source: str = "parameters") -> TrainConfig:
         """Build from a mapping, refusing unknown keys and wrong types with the valid keys."""
-        unknown = sorted(set(values) - set(cls.names()))
+        # YAML keys may be null or numbers too ("?" alone is {None: None}): name them all as text
+        unknown = sorted(k if isinstance(k, str) else repr(k) for k in set(values) - set(cls.names()))
         if unknown:
             raise ConfigError(f"{source}: unknown parameter(s) {', '.join(unknown)}; "
                               f"valid: {', '.join(cls.names())}")

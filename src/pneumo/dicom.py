@@ -121,9 +121,16 @@ def _read_dataset(path: Path):
         raise DicomError(path, f"unreadable DICOM header ({type(exc).__name__}: {exc})") from None
 
 
+# what pydicom raises for a garbled element when it is first read (elements parse lazily)
+_BAD_VALUE = (ValueError, TypeError, AttributeError, KeyError, NotImplementedError)
+
+
 def _meta(path: Path, ds) -> DicomMeta:
     with quiet_pydicom():
-        return _meta_fields(path, ds)
+        try:
+            return _meta_fields(path, ds)
+        except _BAD_VALUE as exc:  # e.g. an unknown VR found by the property tests
+            raise DicomError(path, f"invalid DICOM header value ({type(exc).__name__}: {exc})") from None
 
 
 def _meta_fields(path: Path, ds) -> DicomMeta:
@@ -299,7 +306,7 @@ def read_dicom(path, min_size: int | None = None) -> tuple[np.ndarray, DicomMeta
         meta = _meta(path, ds)
         with quiet_pydicom():
             _check_usable(path, ds, meta)
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a garbled header value
+    except _BAD_VALUE as exc:  # a garbled header value
         raise DicomError(path, f"invalid DICOM header value ({exc})") from None
     with quiet_pydicom():  # decoders warn about padding and odd values they cope with
         pixels = _decode(path, ds, meta, min_size)
