@@ -90,7 +90,9 @@ class TrialReport(L.Callback):
         if trainer.sanity_checking or not history or history[-1]["epoch"] != trainer.current_epoch + 1:
             return
         self.trial.report(history[-1]["val_map"], history[-1]["epoch"])
-        if self.trial.should_prune():
+        # pruning after the last epoch saves nothing and would hide a finished trial from the sampler
+        last_epoch = trainer.max_epochs is not None and history[-1]["epoch"] >= trainer.max_epochs
+        if not last_epoch and self.trial.should_prune():
             self.pruned_at = history[-1]["epoch"]
             trainer.should_stop = True  # Lightning ends the run after this epoch, checkpoints saved
 

@@ -111,9 +111,12 @@ def cmd_sweep(args) -> int:
         print(f"model: {result['model']} (marathon val mAP {result['marathon_val_map']:.4f})")
     if result["failed"]:
         first = RunDir(Path(result["runs_dir"]) / result["failed"][0])
+        # a search's failed trials stay failed in its study (Optuna's model): --resume goes on to
+        # the trials still to run, it does not run those again
+        then = ("a search keeps failed trials failed; --resume runs its remaining trials" if result.get("search")
+                else "then run again with --resume")
         print(f"pneumo: error: {len(result['failed'])} run(s) not finished: {', '.join(result['failed'])}; "
-              f"see their {first.log.name} and {first.notebook.name} (e.g. {first.log}), "
-              "then run again with --resume", file=sys.stderr)
+              f"see their {first.log.name} and {first.notebook.name} (e.g. {first.log}); {then}", file=sys.stderr)
         return 1
     return 0
 

@@ -37,6 +37,16 @@ def read_json(path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+class _Inside:
+    """A read-only path inside the run directory: `config_file = _Inside("config.yaml")`."""
+
+    def __init__(self, relative: str):
+        self.relative = relative
+
+    def __get__(self, run_dir, owner=None):
+        return self if run_dir is None else run_dir.path / self.relative
+
+
 class RunDir:
     """One run's directory; cheap to make, reads the disk only when asked."""
 
@@ -55,57 +65,19 @@ class RunDir:
     def name(self) -> str:
         return self.path.name
 
-    @property
-    def config_file(self) -> Path:
-        return self.path / "config.yaml"
-
-    @property
-    def status_file(self) -> Path:
-        return self.path / "status.json"
-
-    @property
-    def metrics_file(self) -> Path:
-        return self.path / "metrics.json"
-
-    @property
-    def failed_file(self) -> Path:
-        return self.path / "failed.json"
-
-    @property
-    def process_file(self) -> Path:
-        return self.path / "process.json"
-
-    @property
-    def threads_file(self) -> Path:
-        return self.path / "threads"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
-
-    @property
-    def best_checkpoint(self) -> Path:
-        return self.checkpoints / "best.ckpt"
-
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.checkpoints / "last.ckpt"
-
-    @property
-    def images_dir(self) -> Path:
-        return self.path / "val_images"
-
-    @property
-    def notebook(self) -> Path:
-        return self.path / "notebook.ipynb"
-
-    @property
-    def log(self) -> Path:
-        return self.path / "log.txt"
-
-    @property
-    def papermill_params(self) -> Path:
-        return self.path / "papermill-params.yaml"
+    config_file = _Inside("config.yaml")
+    status_file = _Inside("status.json")
+    metrics_file = _Inside("metrics.json")
+    failed_file = _Inside("failed.json")
+    process_file = _Inside("process.json")
+    threads_file = _Inside("threads")
+    checkpoints = _Inside("checkpoints")
+    best_checkpoint = _Inside("checkpoints/best.ckpt")
+    last_checkpoint = _Inside("checkpoints/last.ckpt")
+    images_dir = _Inside("val_images")
+    notebook = _Inside("notebook.ipynb")
+    log = _Inside("log.txt")
+    papermill_params = _Inside("papermill-params.yaml")
 
     # ------------------------------------------------------------ config
 

@@ -246,7 +246,8 @@ def sweep(params_file, out="outputs", data_dir=None, max_parallel: int | None = 
         rows = summarize(spec, runs_root, sweeps_root)
         failed = [r["run"] for r in rows if r["status"] not in ("done", "pruned")]
         result = {"sweep": spec.name, "runs_dir": str(runs_root), "summary": str(sweeps_root / spec.name / "summary.md"),
-                  "failed": failed, "best": rows[0] if rows and rows[0]["status"] == "done" else None}
+                  "failed": failed, "best": rows[0] if rows and rows[0]["status"] == "done" else None,
+                  "search": spec.search is not None}
         if marathon:
             result.update(run_marathon(spec, rows, out, executor.whole_machine()))
     finally:
