@@ -15,9 +15,9 @@ def test_prepare_writes_features_boxes_and_cache(synth_dir, tmp_path):
     assert {"n_boxes", "split", "index"} <= set(f.columns)
     images = prepared.images()
     assert images.shape == (48, 64, 64) and images.dtype == np.uint8
-    # row i of the cache is the area-resized DICOM of features row i
+    # row i of the cache is the area-resized DICOM of features row i (decoded at the model size)
     row = f.iloc[5]
-    image, _ = read_dicom(synth_dir / "stage_2_train_images" / f"{row.patientId}.dcm")
+    image, _ = read_dicom(synth_dir / "stage_2_train_images" / f"{row.patientId}.dcm", min_size=64)
     assert np.array_equal(images[row["index"]], resize_area(image, 64))
     labels = pd.read_csv(synth_dir / "stage_2_train_labels.csv")
     assert len(prepared.boxes) == labels["Target"].sum()
