@@ -15,11 +15,12 @@ def test_a_checkpoint_that_does_not_load_still_exports_with_a_card_saying_why(tm
     run.checkpoints.mkdir(parents=True)
     run.best_checkpoint.write_bytes(b"not a checkpoint")
     run.config_file.write_text("optimizer: adam\n")
-    run.write_metrics({"status": "finished", "best_val_map": 0.3, "data_fingerprint": "abc"})
+    run.write_metrics({"status": "finished", "best_val_map": 0.30000000000000004, "data_fingerprint": "abc"})
     model = export_model(run.path, tmp_path / "models", "m", "s", extras=write_extras)
     assert sorted(p.name for p in model.iterdir()) == ["model.ckpt", "model.json", "model.md"]
     card = (model / "model.md").read_text()
     assert "could not be loaded" in card and "| optimizer | adam |" in card and "`abc`" in card
+    assert "Best validation mAP 0.300 at epoch" in card  # a figure, not a float's repr
     assert json.loads((model / "model.json").read_text())["subgroups"] is None
 
 

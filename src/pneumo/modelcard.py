@@ -79,7 +79,7 @@ def card_markdown(card: dict, evaluation: dict | None, breakdown: dict | None, n
     lines += [f"| {k} | {v} |" for k, v in sorted((card.get("params") or {}).items())]
     lines += ["", f"Post-processing chosen on the validation split: `{card.get('postprocess')}`", "",
               "## Metrics (validation split)", "",
-              f"Best validation mAP {metrics.get('best_val_map')} at epoch {metrics.get('best_epoch')} "
+              f"Best validation mAP {_figure(metrics.get('best_val_map'))} at epoch {metrics.get('best_epoch')} "
               f"of {metrics.get('epochs_done')}.", ""]
     lines += [breakdown_markdown(breakdown)] if breakdown else [f"No subgroup figures: {note}"]
     lines += ["", "## Provenance", "", f"- source run: `{card.get('source_run')}`",
@@ -143,3 +143,8 @@ def complete_version(model_dir, outputs=None) -> list[str]:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return added
+
+
+def _figure(value) -> str:
+    """A metric as the card's tables show it (three decimals), or what it is when not a number."""
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
