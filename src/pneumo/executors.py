@@ -8,6 +8,7 @@ the same outputs/runs/<sweep>/ layout either way. Scheduling beyond one machine 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -163,15 +164,19 @@ class DaskExecutor:
         futures = {self._submit(notebook, run, runs_root, gpu): run for run in runs}
         for run in runs:
             board.update(run.name, "running")
-        try:
+        with self._cancelled_on_interrupt(futures), contextlib.closing(board):
             results = self._collect(futures, runs_root, board)
+        return [results.get(r.name, {"run": r.name, "state": "interrupted"}) for r in runs]
+
+    @contextlib.contextmanager
+    def _cancelled_on_interrupt(self, futures: dict):
+        """Ctrl-C cancels the cluster's runs (they resume with --resume) and goes on up."""
+        try:
+            yield
         except KeyboardInterrupt:
             print("\ncancelling the cluster's runs (they resume with --resume) ...", file=sys.stderr, flush=True)
             self.client.cancel(list(futures))
             raise
-        finally:
-            board.close()
-        return [results.get(r.name, {"run": r.name, "state": "interrupted"}) for r in runs]
 
     def _submit(self, notebook: Path, run, runs_root: Path, gpu: bool):
         # pure=False: a re-submitted run (--resume) is new work, not a cached result
@@ -224,7 +229,7 @@ class DaskExecutor:
                 pending.add(future)
             return run is not None
 
-        try:
+        with self._cancelled_on_interrupt(futures), contextlib.closing(board):
             while len(futures) < width and submit():
                 pass
             for future in pending:
@@ -234,12 +239,6 @@ class DaskExecutor:
                 board.update(run.name, record["state"])
                 source.done(run, record, RunDir(runs_root / run.name))
                 submit()
-        except KeyboardInterrupt:
-            print("\ncancelling the cluster's runs (they resume with --resume) ...", file=sys.stderr, flush=True)
-            self.client.cancel(list(futures))
-            raise
-        finally:
-            board.close()
         return results
 
     def close(self) -> None:
