@@ -4,6 +4,7 @@ cores are split into (a run takes a free slot, so no two runs ever share a GPU).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 
@@ -26,6 +27,9 @@ def visible_gpus() -> list[str]:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    if sys.platform.startswith("linux") and not any(os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/kfd")):
+        # no NVIDIA or ROCm driver: no CUDA device, and no need to import torch (2-5 s) to learn it
+        return []
     try:
         import torch
 
