@@ -153,3 +153,21 @@ def test_careless_predict_arguments_are_one_line_each(tiny_run, synth_dir, tmp_p
     ckpt["hyper_parameters"]["config"]["width"] *= 2  # weights that do not fit the config they carry
     torch.save(ckpt, tmp_path / "mismatch.ckpt")
     assert "do not fit its config" in predict(tmp_path / "mismatch.ckpt", images, "--out", tmp_path / "p")
+
+
+def test_a_png_that_cannot_be_written_stops_the_run_and_leaves_its_image_to_redo(tiny_run, synth_dir, tmp_path):
+    # PNGs are written on a thread beside inference: its failure must still surface, and the
+    # image whose PNG is missing must not count as done
+    out = tmp_path / "pred"
+    images = synth_dir / "stage_2_test_images"
+    victim = sorted(images.glob("*.dcm"))[3].stem
+    (out / "images" / f"{victim}.png").mkdir(parents=True)  # a directory where the PNG goes
+    with pytest.raises(OSError):
+        predict_folder(tiny_run, images, out, workers=0, batch_size=2)
+    done = {json.loads(p.read_text())["patientId"] for p in (out / ".parts").glob("*.json")}
+    assert victim not in done and len(done) == 7  # every other image finished
+    (out / "images" / f"{victim}.png").rmdir()
+    stamps = {p: p.stat().st_mtime_ns for p in (out / ".parts").glob("*.json")}
+    summary = predict_folder(tiny_run, images, out, workers=0)
+    assert summary["n_predicted"] == 8 and (out / "images" / f"{victim}.png").is_file()
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # only the victim was redone
