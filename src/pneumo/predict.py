@@ -216,9 +216,11 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
                                             "image_size": [rows, columns], "boxes": box_records(boxes, conf),
                                             "meta": {k: item.meta.get(k) for k in SUBGROUP_FIELDS}})
 
-    # PNG encoding (~25-35 ms of zlib per 1024 px image, the GIL released) runs on a thread while
-    # the next batch goes through the network; at most two batches wait, so memory stays bounded
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pneumo-png") as writer:
+    # PNG encoding (~25-35 ms of zlib per 1024 px image, the GIL released) runs on threads while
+    # the next batch goes through the network: one thread would cap predict at ~30 images/s
+    # however fast the GPU is; on 2 cores one thread. At most two batches wait (bounded memory).
+    png_threads = max(1, min(4, (os.cpu_count() or 2) // 2)) if save_images else 1
+    with ThreadPoolExecutor(max_workers=png_threads, thread_name_prefix="pneumo-png") as writer:
         pending: deque = deque()
         for batch in track(loader, len(loader), "predicting"):
             good = [item for item in batch if item.error is None]
