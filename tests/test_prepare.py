@@ -1,3 +1,6 @@
+import pickle
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -134,3 +137,52 @@ def test_header_only_labels_is_one_clear_error(data_copy, tmp_path):
     (data_copy / "stage_2_train_labels.csv").write_text("patientId,x,y,width,height,Target\n")
     with pytest.raises(DataError, match="no labelled"):
         prepare(data_copy, out=tmp_path / "prep", image_size=32, workers=1)
+
+
+def _rss_file_kb() -> int:
+    """Resident file-backed pages of this process (Linux /proc)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+def test_cache_rows_answer_like_the_array(tmp_path):
+    from pneumo.prepare import CacheRows
+
+    array = np.random.default_rng(0).integers(0, 255, (10, 6, 6), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", array)
+    rows = CacheRows(tmp_path / "images.npy")
+    assert len(rows) == 10 and rows.shape == (10, 6, 6) and rows.dtype == np.uint8
+    for key in (3, -1, np.int64(7), slice(2, 9, 3), slice(None), [5, 6, 7, 1, 1, 9], np.array([0, 2, 3]), []):
+        assert np.array_equal(rows[key], array[key]), key
+    assert np.array_equal(np.asarray(rows), array)
+    assert np.array_equal(pickle.loads(pickle.dumps(rows))[[4, 5]], array[[4, 5]])  # spawned loader workers
+    with pytest.raises(IndexError):
+        rows[[10]]
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "images.npy").read_bytes()[:-40])
+    with pytest.raises(DataError, match="unreadable cache"):
+        CacheRows(tmp_path / "cut.npy")
+    cut_later = CacheRows(tmp_path / "images.npy")
+    with open(tmp_path / "images.npy", "r+b") as f:  # cut after it was opened
+        f.truncate(len(f.read()) - 40)
+    with pytest.raises(DataError, match="truncated cache"):
+        cut_later[9]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_reading_the_whole_cache_does_not_grow_resident_memory(tmp_path):
+    # an epoch reads every row: through a memory map each page would stay resident in the process
+    from pneumo.prepare import CacheRows
+
+    path = tmp_path / "images.npy"
+    np.save(path, np.full((256, 256, 256), 7, dtype=np.uint8))  # 16 MiB
+    rows = CacheRows(path)
+    before = _rss_file_kb()
+    total = sum(int(rows[list(range(i, i + 16))][:, 0, 0].sum()) for i in range(0, 256, 16))
+    assert total == 7 * 256
+    assert _rss_file_kb() - before < 4 * 1024
+    mapped = np.load(path, mmap_mode="r")
+    before = _rss_file_kb()
+    assert int(sum(int(mapped[i:i + 16].sum() > 0) for i in range(0, 256, 16))) == 16
+    assert _rss_file_kb() - before > 12 * 1024  # the same reads through the map: the whole file resident

@@ -1,7 +1,7 @@
 """The LightningDataModule: batches of prepare's cache, split as prepare wrote it, and their
 augmentation.
 
-Batches are whole index lists read from the memory-mapped cache in one slice, and augmented
+Batches are whole index lists read from prepare's cache (prepare.CacheRows) at once, and augmented
 as tensors on the training device, so the loader never becomes the bottleneck.
 """
 
@@ -47,7 +47,7 @@ class CacheBatches(torch.utils.data.Dataset):
         return masks
 
     def __getitem__(self, rows) -> dict:
-        rows = np.sort(np.asarray(rows))  # sorted rows read the memory map sequentially
+        rows = np.sort(np.asarray(rows))  # sorted: consecutive rows are one read
         images = torch.from_numpy(np.ascontiguousarray(self.images[rows]))[:, None]
         masks = np.stack([self._masks(self.boxes_by_row.get(int(r), np.zeros((0, 4)))) for r in rows])
         return {"images": images, "masks": torch.from_numpy(masks.astype(np.uint8)),

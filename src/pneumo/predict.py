@@ -202,7 +202,6 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
                                          num_workers=n_workers if len(todo) > batch_size else 0,
                                          collate_fn=list)
     start = time.perf_counter()
-    from pneumo.progress import track
 
     def finish(item, boxes, conf) -> None:
         # the part file is written after the PNG: a killed run never marks an image done whose
@@ -216,11 +215,21 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
                                             "image_size": [rows, columns], "boxes": box_records(boxes, conf),
                                             "meta": {k: item.meta.get(k) for k in SUBGROUP_FIELDS}})
 
-    # PNG encoding (~25-35 ms of zlib per 1024 px image, the GIL released) runs on threads while
-    # the next batch goes through the network: one thread would cap predict at ~30 images/s
-    # however fast the GPU is; on 2 cores one thread. At most two batches wait (bounded memory).
-    png_threads = max(1, min(4, (os.cpu_count() or 2) // 2)) if save_images else 1
-    with ThreadPoolExecutor(max_workers=png_threads, thread_name_prefix="pneumo-png") as writer:
+    png_threads = max(1, min(4, (os.cpu_count() or 2) // 2)) if save_images else 1  # one per two cores
+    _infer(loader, predictor, tta, finish, part_path, png_threads, batch_size)
+    seconds = time.perf_counter() - start
+    return _assemble(files, part_path, out, predictor, gt, len(todo), seconds, (dicom_sr, dicom_gsps))
+
+
+def _infer(loader, predictor: Predictor, tta: bool, finish, part_path, threads: int, batch_size: int) -> None:
+    """Run the network over the loader's batches and hand each image's boxes to finish.
+
+    finish (drawing and encoding the PNG: ~25-35 ms of zlib per 1024 px image, the GIL released)
+    runs on threads while the next batch goes through the network: in the main loop it would cap
+    a GPU machine's predict at ~30 images/s. At most two batches wait, so memory stays bounded."""
+    from pneumo.progress import track
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pneumo-png") as writer:
         pending: deque = deque()
         for batch in track(loader, len(loader), "predicting"):
             good = [item for item in batch if item.error is None]
@@ -239,8 +248,6 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
                 pending.popleft().result()  # re-raises a failed write here, in order
         while pending:
             pending.popleft().result()
-    seconds = time.perf_counter() - start
-    return _assemble(files, part_path, out, predictor, gt, len(todo), seconds, (dicom_sr, dicom_gsps))
 
 
 def _mark_duplicates(files, part_path) -> None:
