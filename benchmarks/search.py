@@ -73,8 +73,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--min-resource", type=int, default=3, help="ASHA's first rung, in epochs")
     parser.add_argument("--reduction-factor", type=int, default=2)
-    parser.add_argument("--baseline", type=Path, help="an earlier search.json of the same size: its no-pruning "
-                        "search is reused (training is deterministic, so it would train the same trials again)")
+    parser.add_argument("--baseline", type=Path, help="an earlier search.json of the same size, from this machine: "
+                        "its no-pruning search is reused (a trial's training is deterministic; with trials in "
+                        "parallel TPE's later suggestions may still depend on the order trials end)")
     args = parser.parse_args(argv)
     data = dataset()
     size = {"trials": args.trials, "epochs": args.epochs, "parallel": args.parallel, **BASE,
@@ -83,6 +84,8 @@ def main(argv: list[str]) -> int:
         earlier = json.loads(args.baseline.read_text())
         if earlier.get("size") != size:
             sys.exit(f"{args.baseline}: its search differs from this one (size {earlier.get('size')})")
+        if earlier.get("cores") != os.cpu_count():
+            sys.exit(f"{args.baseline}: measured on {earlier.get('cores')} cores, not this machine's {os.cpu_count()}")
         plain = {**earlier["no_pruning"], "reused_from": f"{args.baseline} ({earlier['when']})"}
     else:
         plain = _search("bench-no-pruning", {"type": "none"}, args, data)

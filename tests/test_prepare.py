@@ -160,6 +160,9 @@ def test_cache_rows_answer_like_the_array(tmp_path):
     assert np.array_equal(pickle.loads(pickle.dumps(rows))[[4, 5]], array[[4, 5]])  # spawned loader workers
     with pytest.raises(IndexError):
         rows[[10]]
+    for key in (array[:, 0, 0] > 100, (1, 2), [[1, 2]], [1.5]):  # masks, tuples, 2-D or float lists: refused
+        with pytest.raises(TypeError):
+            rows[key]
     (tmp_path / "cut.npy").write_bytes((tmp_path / "images.npy").read_bytes()[:-40])
     with pytest.raises(DataError, match="unreadable cache"):
         CacheRows(tmp_path / "cut.npy")
@@ -168,6 +171,23 @@ def test_cache_rows_answer_like_the_array(tmp_path):
         f.truncate(len(f.read()) - 40)
     with pytest.raises(DataError, match="truncated cache"):
         cut_later[9]
+
+
+def test_cache_rows_keep_reading_the_file_they_opened(tmp_path):
+    # prepare may replace the cache while a loader's workers still read it: forked workers share
+    # the open file, and a copy sent to a spawned worker refuses a different file
+    from pneumo.prepare import CacheRows
+
+    path = tmp_path / "images.npy"
+    np.save(path, np.full((4, 3, 3), 1, dtype=np.uint8))
+    rows = CacheRows(path)
+    sent = pickle.dumps(rows)
+    np.save(tmp_path / "new.npy", np.full((4, 3, 3), 2, dtype=np.uint8))
+    (tmp_path / "new.npy").replace(path)
+    assert (rows[[0, 1, 2, 3]] == 1).all()  # still the file it opened
+    with pytest.raises(DataError, match="replaced since it was opened"):
+        pickle.loads(sent)[0]
+    assert (CacheRows(path)[0] == 2).all()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

@@ -1,6 +1,12 @@
 """Slots: one GPU per run, or the CPU cores split; each slot's environment keeps its run to its share."""
 
-from pneumo.slots import Slot, slots, visible_gpus
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pneumo.slots import GPU_DRIVER_PATHS, Slot, slots, visible_gpus
 
 
 def test_slots_one_gpu_each_or_cores_split():
@@ -27,3 +33,12 @@ def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
     assert visible_gpus() == []
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert visible_gpus() == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or any(os.path.exists(p) for p in GPU_DRIVER_PATHS),
+                    reason="a GPU driver is loaded here")
+def test_no_gpu_driver_means_no_gpus_without_importing_torch():
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    code = "import sys; from pneumo.slots import visible_gpus; print(visible_gpus(), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["[]", "False"]

@@ -125,35 +125,59 @@ class CacheRows:
     Rows read through a memory map stay mapped in the process (its resident memory grows by
     every page an epoch touches: the whole cache, 1.75 GB at 256 px for RSNA's 26,684 images);
     read with pread they live in the kernel's page cache, shared and evictable, and the
-    process holds only the batch. Indexing answers like the array: an int gives one (S, S)
-    row, a slice or a list of rows an (n, S, S) array (consecutive rows in one read)."""
+    process holds only the batch. Indexing answers like the array for what callers use: an int
+    gives one (S, S) row, a slice or a 1-D list of row numbers an (n, S, S) array (consecutive
+    rows in one read); other keys (masks, tuples) raise TypeError rather than guess.
+
+    The file is opened once, here: forked DataLoader workers share the descriptor (pread keeps
+    no file position), so a prepare that replaces the directory meanwhile cannot switch files
+    under them; a copy unpickled in a spawned worker opens the path again and checks it is
+    still the same file."""
 
     def __init__(self, path):
-        self._fd, self._pid = None, None
+        self._fd = None
         self.path = Path(path)
         try:
-            header = np.load(self.path, mmap_mode="r")  # the header only; no row is touched
-        except (ValueError, OSError) as exc:  # a cut file: "mmap length is greater than file size"
+            self._fd = os.open(self.path, os.O_RDONLY)
+            with os.fdopen(os.dup(self._fd), "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(f)
+                self._offset = f.tell()
+            stat = os.fstat(self._fd)
+        except (ValueError, OSError) as exc:
             raise DataError(f"{self.path}: unreadable cache ({exc}); run prepare again") from None
-        self.shape, self.dtype, self._offset = header.shape, header.dtype, header.offset
-        del header
-        self._row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        self.shape, self.dtype, self._identity = tuple(shape), np.dtype(dtype), (stat.st_dev, stat.st_ino)
+        self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        if fortran or len(self.shape) != 3 or stat.st_size < self._offset + len(self) * self._row_bytes:
+            raise DataError(f"{self.path}: unreadable cache (not a complete C-order (N, S, S) array); run prepare again")
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getstate__(self):  # DataLoader workers started with spawn open their own descriptor
-        return {**self.__dict__, "_fd": None, "_pid": None}
+    def __getstate__(self):
+        return {**self.__dict__, "_fd": None}
 
     def _descriptor(self) -> int:
-        if self._fd is None or self._pid != os.getpid():
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        if self._fd is None:  # unpickled (a spawned worker): the same file, or nothing
+            fd = os.open(self.path, os.O_RDONLY)
+            stat = os.fstat(fd)
+            if (stat.st_dev, stat.st_ino) != self._identity:
+                os.close(fd)
+                raise DataError(f"{self.path}: replaced since it was opened (prepare ran again); start again")
+            self._fd = fd
         return self._fd
 
     def __getitem__(self, key) -> np.ndarray:
         if isinstance(key, (int, np.integer)):
             return self[[key]][0]
-        rows = np.arange(len(self))[key] if isinstance(key, slice) else np.asarray(key, dtype=np.int64).ravel()
+        if isinstance(key, slice):
+            rows = np.arange(len(self))[key]
+        else:
+            rows = np.asarray(key)
+            if isinstance(key, tuple) or rows.ndim > 1 or (rows.size and rows.dtype.kind not in "iu"):
+                raise TypeError(f"{self.path}: rows are an int, a slice or a 1-D list of row numbers, not {key!r:.60}")
+            rows = rows.astype(np.int64)
         if rows.size and (rows.min() < -len(self) or rows.max() >= len(self)):
             raise IndexError(f"{self.path}: rows {rows.min()}..{rows.max()} outside 0..{len(self) - 1}")
         rows = rows % max(len(self), 1)
@@ -164,20 +188,24 @@ class CacheRows:
             end = start + 1
             while end < len(rows) and rows[end] == rows[end - 1] + 1:
                 end += 1
-            want = (end - start) * self._row_bytes
-            data = os.pread(self._descriptor(), want, self._offset + int(rows[start]) * self._row_bytes)
-            if len(data) != want:
-                raise DataError(f"{self.path}: truncated cache (rows {rows[start]}..{rows[end - 1]}); run prepare again")
-            flat[start:end] = np.frombuffer(data, dtype=np.uint8).reshape(end - start, self._row_bytes)
+            self._read_into(flat[start:end].reshape(-1), int(rows[start]), int(rows[end - 1]))
             start = end
         return out
+
+    def _read_into(self, buffer: np.ndarray, first: int, last: int) -> None:
+        view, offset = memoryview(buffer), self._offset + first * self._row_bytes
+        while view:  # one pread returns at most ~2 GiB on Linux
+            done = os.preadv(self._descriptor(), [view], offset)
+            if done == 0:
+                raise DataError(f"{self.path}: truncated cache (rows {first}..{last}); run prepare again")
+            view, offset = view[done:], offset + done
 
     def __array__(self, dtype=None, copy=None):
         whole = self[:]
         return whole if dtype is None else whole.astype(dtype)
 
     def __del__(self):
-        if self._fd is not None and self._pid == os.getpid():
+        if self._fd is not None:
             os.close(self._fd)
 
 
@@ -232,9 +260,12 @@ def _decode_into(npy: Path, files, image_size: int, workers, client, skipped: li
                 skipped.append({"path": item.path, "patientId": item.patientId, "reason": item.error})
                 continue
             m = item.meta
+            if item.image.shape != (image_size, image_size):  # a wrong shape would spill into the next rows
+                raise ValueError(f"{item.path}: decoded to {item.image.shape}, not {image_size}x{image_size}")
             _write_at(fd, np.ascontiguousarray(item.image, dtype=np.uint8).tobytes(), offset + len(rows) * row_bytes)
             rows.append({"patientId": item.patientId, "PatientSex": m["PatientSex"], "PatientAge": m["PatientAge"],
                          "ViewPosition": m["ViewPosition"], "rows": m["rows"], "columns": m["columns"]})
+        os.fsync(fd)  # on disk before the manifest says the cache is finished
     finally:
         os.close(fd)
     if len(rows) < len(files):  # rewrite without the rows of skipped files, in chunks
@@ -244,6 +275,7 @@ def _decode_into(npy: Path, files, image_size: int, workers, client, skipped: li
         try:
             for start in range(0, len(rows), 1024):
                 _write_at(fd, full[start:min(start + 1024, len(rows))].tobytes(), offset + start * row_bytes)
+            os.fsync(fd)
         finally:
             os.close(fd)
         del full

@@ -22,13 +22,19 @@ class Slot:
                 "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
+# where a loaded GPU driver shows on Linux: the NVIDIA kernel module (present before any device
+# node exists: nvidia-modprobe creates those at the first CUDA call), its control node, WSL2's
+# GPU, Jetson's integrated GPU, ROCm
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg", "/dev/nvhost-ctrl-gpu", "/dev/kfd")
+
+
 def visible_gpus() -> list[str]:
     """GPU ids this process may use: CUDA_VISIBLE_DEVICES if set, else every CUDA device."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
-    if sys.platform.startswith("linux") and not any(os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/kfd")):
-        # no NVIDIA or ROCm driver: no CUDA device, and no need to import torch (2-5 s) to learn it
+    if sys.platform.startswith("linux") and not any(os.path.exists(p) for p in GPU_DRIVER_PATHS):
+        # no GPU driver loaded: no CUDA device, and no need to import torch (2-5 s) to learn it
         return []
     try:
         import torch
