@@ -2,7 +2,7 @@
 (same TPE sampler, same seed, same space) on synthetic data, both real `pneumo sweep` runs.
 
     nox -s bench -- search [--trials N] [--epochs E] [--parallel P] [--min-resource R] [--reduction-factor F]
-                           [--baseline outputs/bench/search-OLD.json]
+                           [--seed S] [--baseline outputs/bench/search-OLD.json]
 
 Writes outputs/bench/search.json: per search the best val mAP, the sum of the epochs trained
 over all trials, wall time, the children's CPU seconds, and the load average around it (the
@@ -37,7 +37,8 @@ BASE = {"image_size": 64, "depth": 3, "width": 8, "batch_size": 16, "n_val_image
 def _search(name: str, pruner: dict, args, data: Path) -> dict:
     spec = {"name": name, "notebook": str(Path(__file__).resolve().parents[1] / "notebooks" / "02-train.ipynb"),
             "base": {"data_dir": str(data), "epochs": args.epochs, **BASE},
-            "search": {"params": SPACE, "trials": args.trials, "sampler": "tpe", "seed": 0, "pruner": pruner}}
+            "search": {"params": SPACE, "trials": args.trials, "sampler": "tpe", "seed": args.seed,
+                       "pruner": pruner}}
     work = OUT / "search"
     work.mkdir(parents=True, exist_ok=True)
     path = work / f"{name}.yaml"
@@ -72,13 +73,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--epochs", type=int, default=27)
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--min-resource", type=int, default=3, help="ASHA's first rung, in epochs")
+    parser.add_argument("--seed", type=int, default=0, help="the sampler's seed (both searches)")
     parser.add_argument("--reduction-factor", type=int, default=2)
     parser.add_argument("--baseline", type=Path, help="an earlier search.json of the same size, from this machine: "
                         "its no-pruning search is reused (a trial's training is deterministic; with trials in "
                         "parallel TPE's later suggestions may still depend on the order trials end)")
     args = parser.parse_args(argv)
     data = dataset()
-    size = {"trials": args.trials, "epochs": args.epochs, "parallel": args.parallel, **BASE,
+    size = {"trials": args.trials, "epochs": args.epochs, "parallel": args.parallel, "seed": args.seed, **BASE,
             "n_train_images": "300 synthetic (80% train)", "space": SPACE}
     if args.baseline:
         earlier = json.loads(args.baseline.read_text())
