@@ -2,7 +2,6 @@
 verbatim as the reference: same outputs in, same choice and score out, however they are batched."""
 
 import dataclasses
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from pneumo.postprocess import (
     candidates,
     shape_boxes,
 )
-from pneumo.scoring import SearchScores, search
+from pneumo.scoring import SearchResult, SearchScores, _plateau_best, search
 
 
 def _blob_map(boxes_px, size=64, frame=1024, level=0.9, noise=0.05, seed=0):
@@ -168,22 +167,9 @@ def test_scoring_holds_the_grid_not_the_outputs():
     assert before == after  # the same arrays, whatever the number of images added
 
 
-# ---------------------------------------------------------------- the whole-split search, as it was
+# ------------------------------------------- the whole-split search, as it was (its plateau rule is the shared one)
 
 
-@dataclass
-class _OldResult:
-    settings: PostProcess
-    score: Score
-    tried: int  # candidate settings scored
-
-
-def _plateau_best(values: np.ndarray) -> int:
-    """The index of the best value smoothed over its neighbours: the middle of a plateau holds on
-    new data, an isolated peak is noise of a small validation set."""
-    smooth = np.convolve(np.pad(values, 1, mode="edge"), [0.25, 0.5, 0.25], mode="valid")
-    best = np.flatnonzero(smooth >= smooth.max() - 1e-12)
-    return int(best[len(best) // 2])  # the middle of equally good values
 
 
 def _gated_maps(per_image: dict, has_gt: dict, has_boxes: dict, opacity: dict, gates) -> np.ndarray:
@@ -203,7 +189,7 @@ def _gated_maps(per_image: dict, has_gt: dict, has_boxes: dict, opacity: dict, g
 
 
 def whole_split_search(outputs, frames, ground_truth, opacity=None, start: PostProcess | None = None,
-                       mode: str = "search") -> _OldResult:
+                       mode: str = "search") -> SearchResult:
     """The post-processing that scores best on these validation outputs.
 
     outputs: {key: model-resolution probability map or Candidates}; frames: {key: (rows, columns)}; ground_truth:
@@ -231,7 +217,7 @@ def whole_split_search(outputs, frames, ground_truth, opacity=None, start: PostP
     if mode != "threshold":
         grid = SHAPE_GRID if mode == "search" else {}
         best = _search_shape_and_gate(best, best_t, score, ground_truth, opacity, grid)
-    return _OldResult(best, score(best)[0], tried)
+    return SearchResult(best, score(best)[0], tried)
 
 
 def _search_shape_and_gate(best: PostProcess, best_t: int, score, ground_truth, opacity, grid: dict) -> PostProcess:
