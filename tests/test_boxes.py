@@ -74,6 +74,31 @@ def test_parse_boxes_components_and_confidence():
     assert np.allclose(conf[order], [0.8, 0.6])
 
 
+def test_parse_boxes_confidence_is_the_mean_inside_each_box_of_a_speckled_map():
+    # a half-trained map: many components, boxes that hold pixels of other components
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    for dtype in (np.float16, np.float32):
+        prob = ndimage.gaussian_filter(rng.random((96, 80)), 1.5)
+        prob = ((prob - prob.min()) / (prob.max() - prob.min())).astype(dtype)
+        for threshold, min_area in ((0.5, 0), (0.6, 6), (0.95, 0)):
+            boxes, conf = parse_boxes(prob, threshold, min_area)
+            labels, n = ndimage.label(prob > threshold)
+            spans = [(xs.start, ys.start, xs.stop - xs.start, ys.stop - ys.start)
+                     for ys, xs in ndimage.find_objects(labels)]
+            expected = [b for b in spans if b[2] * b[3] >= min_area]
+            assert n > (20 if threshold < 0.9 else 0)
+            assert np.array_equal(boxes, np.array(expected, dtype=np.float64).reshape(-1, 4))
+            means = [prob[y:y + h, x:x + w].mean(dtype=np.float64) for x, y, w, h in expected]
+            if dtype == np.float16:  # the validation search's maps: exactly the per-box mean
+                assert np.array_equal(conf, means)
+            else:
+                assert np.allclose(conf, means, rtol=0, atol=1e-9)
+    empty, none = parse_boxes(np.zeros((8, 8), np.float16), 0.5)
+    assert empty.shape == (0, 4) and none.shape == (0,)
+
+
 def test_boxes_to_mask_matches_parse_boxes():
     mask = boxes_to_mask([[4, 5, 6, 7]], 20, 20)
     assert mask.sum() == 42

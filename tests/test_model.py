@@ -37,3 +37,16 @@ def test_width_and_depth_change_capacity():
     small = sum(p.numel() for p in UNet(4, 2).parameters())
     big = sum(p.numel() for p in UNet(8, 4).parameters())
     assert big > 10 * small
+
+
+def test_channels_last_net_computes_what_the_plain_layout_computes():
+    torch.manual_seed(0)
+    net = UNet(width=4, depth=2, classifier=True, metadata=False).eval()
+    assert net.inc[0].weight.is_contiguous(memory_format=torch.channels_last)
+    plain = UNet(width=4, depth=2, classifier=True, metadata=False).eval()
+    plain.load_state_dict(net.state_dict())  # a checkpoint loads into the channels-last net and back
+    plain.to(memory_format=torch.contiguous_format)
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        a, b = net(x), plain.forward(x)
+    assert torch.allclose(a.mask, b.mask, atol=1e-5) and torch.allclose(a.classes, b.classes, atol=1e-5)

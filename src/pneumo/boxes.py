@@ -80,17 +80,23 @@ def parse_boxes(probability_map: np.ndarray, threshold: float, min_area: float =
     """
     from scipy import ndimage
 
-    mask = probability_map > threshold
-    labels, n = ndimage.label(mask)
-    boxes, confidences = [], []
-    for region in ndimage.find_objects(labels)[:n]:
-        ys, xs = region
-        w, h = xs.stop - xs.start, ys.stop - ys.start
-        if w * h < min_area:
-            continue
-        boxes.append((xs.start, ys.start, w, h))
-        confidences.append(float(probability_map[region].mean(dtype=np.float64)))
-    return as_boxes(boxes), np.asarray(confidences, dtype=np.float64)
+    labels, n = ndimage.label(probability_map > threshold)
+    if not n:
+        return as_boxes([]), np.zeros(0)
+    spans = np.array([(ys.start, ys.stop, xs.start, xs.stop) for ys, xs in ndimage.find_objects(labels)[:n]])
+    y0, y1, x0, x1 = spans.T
+    area = (x1 - x0) * (y1 - y0)
+    keep = area >= min_area
+    y0, y1, x0, x1, area = y0[keep], y1[keep], x0[keep], x1[keep], area[keep]
+    # Box means from one summed-area table instead of one mean per box: validation parses every
+    # map at 19 thresholds, and a half-trained map has hundreds of specks. For float16 maps (the
+    # validation search's) the float64 sums are exact, so the means equal a per-box mean's.
+    table = np.zeros((probability_map.shape[0] + 1, probability_map.shape[1] + 1))
+    np.cumsum(probability_map, axis=0, dtype=np.float64, out=table[1:, 1:])
+    np.cumsum(table[1:, 1:], axis=1, out=table[1:, 1:])
+    sums = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
+    boxes = np.stack([x0, y0, x1 - x0, y1 - y0], axis=1)
+    return as_boxes(boxes), sums / area
 
 
 def boxes_in_image(probability: np.ndarray, threshold: float, min_box_area: float, rows: int, columns: int):
