@@ -52,7 +52,7 @@ def test_typo_fails_before_any_run_naming_run_and_key(tmp_path):
 
 
 def test_shipped_params_files_validate():
-    for name in ("optimizers.yaml", "full.yaml"):
+    for name in ("optimizers.yaml", "quick.yaml", "full.yaml"):
         sweep = load_sweep(ROOT / "params" / name)
         assert {r.params["optimizer"] for r in sweep.runs} >= {"adam", "adamw", "adamax", "sgd", "adagrad"}
         assert sweep.marathon.get("epochs", 0) > sweep.base["epochs"]
