@@ -158,6 +158,19 @@ def test_a_garbled_dicom_decodes_or_is_one_dicom_error(tmp_path, small_dicom, da
     assert image.dtype == np.uint8 and image.shape == (meta.rows, meta.columns)
 
 
+def test_an_odd_length_bits_stored_is_one_dicom_error(tmp_path, small_dicom):
+    # found by the property test above: pydicom raises its own BytesLengthException for it
+    from pneumo.dicom import read_dicom, read_meta
+    from pneumo.errors import DicomError
+
+    bits_stored = b"(\x00\x01\x01US\x02\x00\x08\x00"
+    assert small_dicom.count(bits_stored) == 1
+    path = _write(tmp_path, "x.dcm", small_dicom.replace(bits_stored, b"(\x00\x01\x01US\x03\x00\x08\x00\x00"))
+    for read in (read_dicom, read_meta):
+        with pytest.raises(DicomError, match="x.dcm.*invalid DICOM header value"):
+            read(path)
+
+
 @PROPERTY
 @given(rows=st.integers(0, 65535), columns=st.integers(0, 65535), bits=st.sampled_from([1, 8, 12, 16, 32]),
        stored=st.integers(0, 40), photometric=st.sampled_from(["MONOCHROME2", "MONOCHROME1", "RGB", ""]),

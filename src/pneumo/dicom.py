@@ -125,11 +125,19 @@ def _read_dataset(path: Path):
 _BAD_VALUE = (ValueError, TypeError, AttributeError, KeyError, NotImplementedError)
 
 
+def _bad_values() -> tuple:
+    """_BAD_VALUE and pydicom's own error for a value of the wrong length (an odd-length US, found
+    by the property tests); pydicom is imported by then (the dataset was read)."""
+    from pydicom.errors import BytesLengthException
+
+    return (*_BAD_VALUE, BytesLengthException)
+
+
 def _meta(path: Path, ds) -> DicomMeta:
     with quiet_pydicom():
         try:
             return _meta_fields(path, ds)
-        except _BAD_VALUE as exc:  # e.g. an unknown VR found by the property tests
+        except _bad_values() as exc:  # e.g. an unknown VR found by the property tests
             raise DicomError(path, f"invalid DICOM header value ({type(exc).__name__}: {exc})") from None
 
 
@@ -306,7 +314,7 @@ def read_dicom(path, min_size: int | None = None) -> tuple[np.ndarray, DicomMeta
         meta = _meta(path, ds)
         with quiet_pydicom():
             _check_usable(path, ds, meta)
-    except _BAD_VALUE as exc:  # a garbled header value
+    except _bad_values() as exc:  # a garbled header value
         raise DicomError(path, f"invalid DICOM header value ({exc})") from None
     with quiet_pydicom():  # decoders warn about padding and odd values they cope with
         pixels = _decode(path, ds, meta, min_size)
