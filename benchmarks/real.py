@@ -47,7 +47,7 @@ SPLIT_VERSION = 1  # bump when the split rule changes: it renames every split di
 SPLIT_SALT = 0x5EA1  # keeps the split's random stream apart from prepare's val split (also seeded by s)
 IMAGES, LABELS, CLASS_INFO = "stage_2_train_images", "stage_2_train_labels.csv", "stage_2_detailed_class_info.csv"
 POSITIVE = "Lung Opacity"
-# TrainConfig fields that change how a run executes, not what it learns (pneumo.training keeps the
+# TrainConfig fields that change how a run executes, not what it learns (pneumo.training.fit keeps the
 # same set for resuming): a finished run whose config differs only in these is reused.
 EXECUTION_FIELDS = {"threads", "num_workers", "max_time"}
 
@@ -196,11 +196,11 @@ def _changed(saved: dict, config) -> list[str]:
 
 def run_split(config, split_dir: Path, run_dir: Path, seed: int) -> dict:
     """Train (or reuse) the run of one split and score it on the split's TEST part."""
+    from pneumo.deploy.predict import predict_folder
     from pneumo.errors import RunError
     from pneumo.io import atomic_write_json
-    from pneumo.predict import predict_folder
-    from pneumo.rundir import RunDir
-    from pneumo.training import fit
+    from pneumo.training.fit import fit
+    from pneumo.training.rundir import RunDir
 
     info = json.loads((split_dir / "split.json").read_text())
     test_dir = split_dir / "test"

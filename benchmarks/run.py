@@ -44,7 +44,7 @@ def record(name: str, result: dict) -> dict:
 
 
 def dataset(n_train=300, n_test=60) -> Path:
-    from pneumo.synth import make_dataset
+    from pneumo.data.synth import make_dataset
 
     if not (DATA / "stage_2_train_labels.csv").is_file():
         make_dataset(DATA, n_train=n_train, n_test=n_test, seed=11)
@@ -125,7 +125,7 @@ def bench_prepare():
     import pydicom
     from skimage.transform import resize
 
-    from pneumo.prepare import prepare
+    from pneumo.data.prepare import prepare
 
     data = dataset()
     files = sorted((data / "stage_2_train_images").glob("*.dcm"))
@@ -157,7 +157,7 @@ def bench_startup():
             best = min(best, time.perf_counter() - t0)
         return round(best, 3)
 
-    check = "import sys; from pneumo.cli import main; main(['score','--help']) if False else None; import pneumo.metrics, pneumo.validate, pneumo.synth; assert 'torch' not in sys.modules"
+    check = "import sys; from pneumo.cli import main; main(['score','--help']) if False else None; import pneumo.metrics, pneumo.data.validate, pneumo.data.synth; assert 'torch' not in sys.modules"
     imported = subprocess.run([sys.executable, "-c", check], capture_output=True).returncode == 0
     return record("startup", {"pneumo_score_help_s": timed(["-m", "pneumo", "score", "--help"]),
                               "pneumo_validate_help_s": timed(["-m", "pneumo", "validate", "--help"]),
@@ -175,8 +175,8 @@ def bench_loader():
     from skimage.transform import resize, rotate
 
     from pneumo.config import TrainConfig
-    from pneumo.datamodule import RsnaDataModule, augment
-    from pneumo.prepare import prepare
+    from pneumo.data.datamodule import RsnaDataModule, augment
+    from pneumo.data.prepare import prepare
 
     data = dataset()
     files = sorted((data / "stage_2_train_images").glob("*.dcm"))[:60]
@@ -225,7 +225,7 @@ def bench_train():
     import shutil
 
     from pneumo.config import TrainConfig
-    from pneumo.training import fit
+    from pneumo.training.fit import fit
 
     data = dataset()
     run = OUT / "train-run"
@@ -252,9 +252,9 @@ def bench_predict():
     import matplotlib.patches as patches
     import matplotlib.pyplot as plt
 
-    from pneumo.dicom import read_dicom, resize_area
-    from pneumo.predict import load_predictor, predict_folder
-    from pneumo.rundir import RunDir
+    from pneumo.data.dicom import read_dicom, resize_area
+    from pneumo.deploy.predict import load_predictor, predict_folder
+    from pneumo.training.rundir import RunDir
 
     data = dataset()
     run = OUT / "train-run"
@@ -328,7 +328,7 @@ def _serve_latency(run, dcm):
 
 def bench_sweep():
     """Wall time vs ideal of the last `nox -s sweep` (sum of run times / parallel slots)."""
-    from pneumo.rundir import RunDir
+    from pneumo.training.rundir import RunDir
 
     root = Path(os.environ.get("PNEUMO_OUTPUTS", "outputs")) / "runs" / "optimizers"
     records = []

@@ -4,7 +4,7 @@
 
 Makes once (cached under outputs/bench/scale-data-<n_train>-<n_test>/) a synthetic dataset of
 the real size and layout (26,684 train and 3,000 test DICOMs, 1024 px JPEG Baseline, about 22.5%
-positive with 1-4 boxes: pneumo.synth), then measures each step as the user runs it, a `pneumo`
+positive with 1-4 boxes: pneumo.data.synth), then measures each step as the user runs it, a `pneumo`
 child process: prepare (128 and 256 px), one training epoch at 128 and 256 px, predict on the test
 images with and without PNGs, and `pneumo score`. Peak memory is the largest sum of the resident
 memory of the child and its own children (psutil, sampled every 0.2 s), the same without
@@ -119,7 +119,14 @@ def measure_decode(folder: Path, sizes=(128, 256), limit: int = 0) -> dict:
     of each piece (header read, pixel decode, resize)."""
     import pydicom
 
-    from pneumo.dicom import _decode, _meta, _read_dataset, quiet_pydicom, read_dicom, resize_area
+    from pneumo.data.dicom import (
+        _decode,
+        _meta,
+        _read_dataset,
+        quiet_pydicom,
+        read_dicom,
+        resize_area,
+    )
 
     files = sorted(Path(folder).glob("*.dcm"))[: limit or None]
     if not files:
@@ -181,8 +188,8 @@ def measure_decode(folder: Path, sizes=(128, 256), limit: int = 0) -> dict:
 
 def dataset(n_train: int, n_test: int, seed: int = 13) -> Path:
     """The synthetic dataset of this size, made once: its sample submission is written last."""
-    from pneumo.data import SAMPLE_SUBMISSION
-    from pneumo.synth import make_dataset
+    from pneumo.data.layout import SAMPLE_SUBMISSION
+    from pneumo.data.synth import make_dataset
 
     root = _outputs() / f"scale-data-{n_train}-{n_test}"
     if not (root / SAMPLE_SUBMISSION).is_file():
@@ -248,9 +255,9 @@ def measure_pieces(run: str, images: Path, limit: int = 96, batch: int = 16) -> 
 
     import pydicom
 
-    from pneumo.dicom import _decode, _meta, _read_dataset, resize_area
+    from pneumo.data.dicom import _decode, _meta, _read_dataset, resize_area
+    from pneumo.deploy.predict import load_predictor
     from pneumo.io import atomic_save_image  # noqa: F401  (the PNG settings predict uses: level 1)
-    from pneumo.predict import load_predictor
     from pneumo.render import annotate
 
     predictor = load_predictor(run)

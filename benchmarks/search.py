@@ -55,7 +55,7 @@ def _search(name: str, pruner: dict, args, data: Path) -> dict:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"{name}: sweep failed\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    from pneumo.rundir import RunDir
+    from pneumo.training.rundir import RunDir
 
     runs = [RunDir(p) for p in sorted((out / "runs" / name).iterdir())]
     metrics = [r.metrics() for r in runs]

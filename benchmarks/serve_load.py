@@ -24,9 +24,9 @@ N_REQUESTS, N_CLIENTS = 200, 16
 def _model_and_files(root: Path) -> tuple[Path, dict[str, list[Path]]]:
     """A tiny model (what is measured is serving, not accuracy) and the upload files by kind."""
     from pneumo.config import TrainConfig
-    from pneumo.rundir import RunDir
-    from pneumo.synth import make_dataset, write_bomb
-    from pneumo.training import fit
+    from pneumo.data.synth import make_dataset, write_bomb
+    from pneumo.training.fit import fit
+    from pneumo.training.rundir import RunDir
 
     data, run = root / "data", root / "run"
     if not (data / "pneumo-synth.json").is_file() or not (data / "stage_2_train_labels.csv").is_file():

@@ -16,7 +16,7 @@ os.environ["PNEUMO_OUTPUTS"] = tempfile.mkdtemp(prefix="pneumo-test-outputs-")
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
     """A small RSNA-layout dataset at 256 px; treat as read-only (copy it to change it)."""
-    from pneumo.synth import make_dataset
+    from pneumo.data.synth import make_dataset
 
     root = tmp_path_factory.mktemp("synth")
     make_dataset(root, n_train=48, n_test=8, seed=7, size=256, workers=2)
@@ -35,7 +35,7 @@ def data_copy(synth_dir, tmp_path):
 def tiny_run(synth_dir, tmp_path_factory):
     """A run directory trained for two epochs on the synthetic data (64 px, tiny UNet)."""
     from pneumo.config import TrainConfig
-    from pneumo.training import fit
+    from pneumo.training.fit import fit
 
     run_dir = tmp_path_factory.mktemp("tiny-run") / "run"
     # with the opacity classifier and the full search, so predict and serve exercise both

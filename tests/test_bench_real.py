@@ -24,7 +24,7 @@ real = _load_real()
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from pneumo.synth import make_dataset
+    from pneumo.data.synth import make_dataset
 
     root = tmp_path_factory.mktemp("real-bench-data")
     make_dataset(root, n_train=60, n_test=0, seed=1, size=128, workers=1)

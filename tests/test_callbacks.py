@@ -1,11 +1,11 @@
-"""pneumo.callbacks: what the per-epoch callbacks decide (a real Optuna trial; a trainer's state as plain values)."""
+"""pneumo.training.callbacks: what the per-epoch callbacks decide (a real Optuna trial; a trainer's state as plain values)."""
 
 from types import SimpleNamespace
 
 import optuna
 import pytest
 
-from pneumo.callbacks import TrialReport
+from pneumo.training.callbacks import TrialReport
 
 
 @pytest.mark.parametrize(("epoch", "max_epochs", "stops"), [(1, 3, True), (2, 3, True), (3, 3, False)])

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from pneumo.boxes import boxes_to_mask
-from pneumo.centres import box_extents, centre_loss, centre_targets
-from pneumo.datamodule import augment
-from pneumo.postprocess import Candidates, PostProcess, apply, candidates, decode_centres
+from pneumo.data.datamodule import augment
+from pneumo.models.heads.centre import box_extents, centre_loss, centre_targets
+from pneumo.models.postprocess import Candidates, PostProcess, apply, candidates, decode_centres
 
 
 def _box_masks(boxes, side=64, channels=3):

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pneumo.cluster import dask_client, gpu_settings, jobqueue_cluster
 from pneumo.errors import ClusterError
+from pneumo.sweeps.cluster import dask_client, gpu_settings, jobqueue_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = {"scheduler_options": {"host": "127.0.0.1"}}  # tests never listen beyond this machine

@@ -1,10 +1,11 @@
-"""pneumo.data: the RSNA layout, the CSV readers, the folder listing and the one DICOM decoder."""
+"""pneumo.data.layout: the RSNA layout, the CSV readers, the folder listing and the one DICOM decoder."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pneumo.data import (
+from pneumo.data.dicom import read_dicom, resize_area
+from pneumo.data.layout import (
     CLASSES,
     LABEL_COLUMNS,
     POSITIVE_CLASS,
@@ -17,7 +18,6 @@ from pneumo.data import (
     read_labels_table,
     scan,
 )
-from pneumo.dicom import read_dicom, resize_area
 from pneumo.errors import DataError
 
 LABELS = "patientId,x,y,width,height,Target\na,1,2,30,40,1\na,50,60,10,20,1\nb,,,,,0\n"

@@ -6,7 +6,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from pneumo.dicom import parse_age, read_dicom, read_meta, resize_area
+from pneumo.data.dicom import parse_age, read_dicom, read_meta, resize_area
 from pneumo.errors import DicomError
 
 
@@ -162,8 +162,8 @@ def test_compressed_grayscale_syntaxes_decode():
 def test_decompression_bomb_is_refused_from_the_header_before_decoding(synth_dir, tmp_path, in_header):
     import time
 
+    from pneumo.data.synth import write_bomb
     from pneumo.limits import MAX_IMAGE_PIXELS
-    from pneumo.synth import write_bomb
 
     source = next((synth_dir / "stage_2_test_images").glob("*.dcm"))
     bomb = tmp_path / "bomb.dcm"
@@ -176,9 +176,9 @@ def test_decompression_bomb_is_refused_from_the_header_before_decoding(synth_dir
 
 
 def test_an_image_at_the_pixel_limit_is_still_read(tmp_path, monkeypatch):
-    import pneumo.dicom
+    import pneumo.data.dicom
 
-    monkeypatch.setattr(pneumo.dicom, "MAX_IMAGE_PIXELS", 64 * 48)
+    monkeypatch.setattr(pneumo.data.dicom, "MAX_IMAGE_PIXELS", 64 * 48)
     image, meta = read_dicom(write_uncompressed(tmp_path / "a.dcm", np.zeros((48, 64), np.uint16)))
     assert image.shape == (48, 64)
     with pytest.raises(DicomError, match="over the limit"):

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pneumo.executors import LocalExecutor
-from pneumo.rundir import RunDir
-from pneumo.slots import Slot, slots
+from pneumo.sweeps.executors import LocalExecutor
+from pneumo.sweeps.slots import Slot, slots
+from pneumo.training.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = str(ROOT / "notebooks" / "02-train.ipynb")
@@ -63,7 +63,7 @@ def gpu_cluster():
 
 @pytest.mark.slow
 def test_two_run_sweep_on_a_local_cluster_with_gpu_resources(gpu_cluster, synth_dir, tmp_path):
-    from pneumo.sweep import sweep
+    from pneumo.sweeps.sweep import sweep
 
     cluster, client, plugin = gpu_cluster
     path = _sweep_file(tmp_path, synth_dir, [{"optimizer": "adam"}, {"optimizer": "adamw"}])
@@ -144,7 +144,7 @@ def test_prepare_decodes_on_a_dask_cluster_to_the_same_cache(synth_dir, tmp_path
     import numpy as np
     from distributed import Client, LocalCluster
 
-    from pneumo.prepare import prepare
+    from pneumo.data.prepare import prepare
 
     local = prepare(synth_dir, out=tmp_path / "local", image_size=32, workers=1)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
@@ -163,8 +163,8 @@ def test_a_task_dask_gave_up_on_is_a_failed_run(tmp_path):
 
     from distributed import Client, LocalCluster
 
-    from pneumo.executors import DaskExecutor
-    from pneumo.statusboard import StatusBoard
+    from pneumo.sweeps.executors import DaskExecutor
+    from pneumo.sweeps.statusboard import StatusBoard
 
     run = SimpleNamespace(name="01-adam", params={})
     # in-process (inproc:// transport): nothing listens on the network
@@ -182,14 +182,14 @@ def test_dask_stream_hands_each_freed_worker_the_next_run_and_reports_back(tmp_p
     import nbformat
     from distributed import Client, LocalCluster
 
-    from pneumo.executors import DaskExecutor, ListSource
-    from pneumo.sweep import Run
+    from pneumo.sweeps.executors import DaskExecutor, ListSource
+    from pneumo.sweeps.sweep import Run
 
     nb = nbformat.v4.new_notebook()
     params = nbformat.v4.new_code_cell('run_dir = ""')
     params.metadata["tags"] = ["parameters"]
     nb.cells = [params, nbformat.v4.new_code_cell(
-        "from pneumo.rundir import RunDir\nRunDir(run_dir).write_metrics({'status': 'finished'})")]
+        "from pneumo.training.rundir import RunDir\nRunDir(run_dir).write_metrics({'status': 'finished'})")]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     notebook = tmp_path / "tiny.ipynb"
     nbformat.write(nb, notebook)

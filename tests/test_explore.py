@@ -1,10 +1,10 @@
-"""pneumo.explore on a prepared synthetic dataset: the tables, figures and viewer of 01-explore."""
+"""pneumo.data.explore on a prepared synthetic dataset: the tables, figures and viewer of 01-explore."""
 
 import matplotlib
 import numpy as np
 import pytest
 
-from pneumo.explore import (
+from pneumo.data.explore import (
     overview_figure,
     samples_per_class,
     show_patient,
@@ -12,7 +12,7 @@ from pneumo.explore import (
     viewer,
     window,
 )
-from pneumo.prepare import prepare
+from pneumo.data.prepare import prepare
 
 matplotlib.use("Agg")
 

@@ -2,7 +2,7 @@
 
 A JupyterLab server from this environment (127.0.0.1, a free port, a random token, its settings,
 workspaces and kernels in a temporary directory so a user's own JupyterLab state is untouched)
-serves a copy of the project's layout: notebooks/ and outputs/synth (pneumo.synth), so the
+serves a copy of the project's layout: notebooks/ and outputs/synth (pneumo.data.synth), so the
 notebooks' own relative paths find the data. Debian's Chromium (never a downloaded browser)
 runs all cells of 01-explore, 02-train (one epoch, set in its parameters cell) and 03-predict,
 and the test checks what a person would see. Screenshots: outputs/lab-screens/.

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pneumo.model import N_CLASSES, UNet, metadata_vector, opacity_probability
+from pneumo.models.unet import N_CLASSES, UNet, metadata_vector, opacity_probability
 
 
 def test_unet_shapes_and_gradients_without_lightning():

@@ -5,9 +5,9 @@ from functools import partial
 
 import pytest
 
-from pneumo.modelcard import write_extras
-from pneumo.registry import export_model, resolve_model
-from pneumo.rundir import RunDir
+from pneumo.deploy.modelcard import write_extras
+from pneumo.deploy.registry import export_model, resolve_model
+from pneumo.training.rundir import RunDir
 
 
 def test_a_checkpoint_that_does_not_load_still_exports_with_a_card_saying_why(tmp_path):
@@ -47,7 +47,7 @@ def test_export_writes_card_with_subgroups_and_onnx(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_a_version_exported_without_them_gets_card_and_onnx_added(tiny_run, tmp_path):
-    from pneumo.modelcard import complete_version
+    from pneumo.deploy.modelcard import complete_version
 
     model = export_model(tiny_run, tmp_path / "models", "tiny", "s")  # as before model.md existed
     before = (model / "model.json").read_bytes()

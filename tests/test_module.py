@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pneumo.module import build_optimizer, rank_auc
+from pneumo.models.module import build_optimizer, rank_auc
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "adamax", "sgd", "adagrad", "rmsprop"])

@@ -37,7 +37,7 @@ def _write(tmp_path, name: str, data) -> Path:
                        max_size=7),
        rows=st.lists(st.lists(CSV_CELLS, max_size=7), max_size=6))
 def test_any_labels_csv_reads_or_is_one_package_error(tmp_path, header, rows):
-    from pneumo.data import read_labels, read_labels_table
+    from pneumo.data.layout import read_labels, read_labels_table
 
     text = "\n".join(",".join(r) for r in [header, *rows])
     path = _write(tmp_path, "labels.csv", text)
@@ -69,7 +69,7 @@ def _labels(draw):
 @example(labels=({"NaN": [], "null": [(1, 2, 3, 4)]},  # found: pandas read these ids as missing
                  "patientId,x,y,width,height,Target\nNaN,,,,,0\nnull,1,2,3,4,1\n"))
 def test_valid_labels_lose_no_row_and_invent_none(tmp_path, labels):
-    from pneumo.data import read_labels
+    from pneumo.data.layout import read_labels
 
     truth, text = labels
     read = read_labels(_write(tmp_path, "labels.csv", text))
@@ -132,7 +132,7 @@ def test_any_submission_csv_reads_or_is_one_package_error(tmp_path, rows, header
 
 @pytest.fixture(scope="module")
 def small_dicom(tmp_path_factory) -> bytes:
-    from pneumo.synth import make_dataset
+    from pneumo.data.synth import make_dataset
 
     root = tmp_path_factory.mktemp("one")
     make_dataset(root, n_train=1, n_test=1, seed=3, size=64, workers=1)
@@ -142,7 +142,7 @@ def small_dicom(tmp_path_factory) -> bytes:
 @PROPERTY
 @given(data=st.data())
 def test_a_garbled_dicom_decodes_or_is_one_dicom_error(tmp_path, small_dicom, data):
-    from pneumo.dicom import read_dicom
+    from pneumo.data.dicom import read_dicom
     from pneumo.errors import DicomError
 
     raw = bytearray(small_dicom)
@@ -160,7 +160,7 @@ def test_a_garbled_dicom_decodes_or_is_one_dicom_error(tmp_path, small_dicom, da
 
 def test_an_odd_length_bits_stored_is_one_dicom_error(tmp_path, small_dicom):
     # found by the property test above: pydicom raises its own BytesLengthException for it
-    from pneumo.dicom import read_dicom, read_meta
+    from pneumo.data.dicom import read_dicom, read_meta
     from pneumo.errors import DicomError
 
     bits_stored = b"(\x00\x01\x01US\x02\x00\x08\x00"
@@ -181,7 +181,7 @@ def test_any_uncompressed_header_decodes_or_is_one_dicom_error(tmp_path, rows, c
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-    from pneumo.dicom import read_dicom
+    from pneumo.data.dicom import read_dicom
     from pneumo.errors import DicomError
 
     meta = FileMetaDataset()
@@ -219,7 +219,7 @@ FILE_NAMES = st.text(st.characters(blacklist_categories=("Cs",), blacklist_chara
 @given(name=FILE_NAMES)
 def test_any_file_name_is_decoded_or_reported_and_outputs_stay_inside(tmp_path, small_dicom, name):
     from pneumo.boxes import check_patient_id
-    from pneumo.data import decode_file
+    from pneumo.data.layout import decode_file
 
     path = tmp_path / "in" / name
     path.parent.mkdir(exist_ok=True)
@@ -275,11 +275,11 @@ def test_any_params_yaml_is_a_config_or_one_config_error(tmp_path, values, garba
 
 @pytest.fixture(scope="module")
 def upload_client():
-    """pneumo.serve's upload reader behind a minimal app (the model plays no part in reading)."""
+    """pneumo.deploy.serve's upload reader behind a minimal app (the model plays no part in reading)."""
     from fastapi import FastAPI, Request
     from fastapi.testclient import TestClient
 
-    from pneumo.serve import read_upload
+    from pneumo.deploy.serve import read_upload
 
     app = FastAPI()
 

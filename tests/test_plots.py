@@ -4,7 +4,7 @@ import matplotlib
 import numpy as np
 import pytest
 
-from pneumo.data import decode_file, dicom_files, layout, read_labels
+from pneumo.data.layout import decode_file, dicom_files, layout, read_labels
 from pneumo.io import atomic_save_image
 from pneumo.plots import box_heatmap, image_grid, learning_curves
 from pneumo.render import annotate

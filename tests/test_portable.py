@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from pneumo.config import TrainConfig
-from pneumo.data import decode_file
-from pneumo.model import UNet
-from pneumo.portable import OnnxNet, export_onnx
-from pneumo.postprocess import PostProcess
-from pneumo.predict import Predictor, load_predictor
+from pneumo.data.layout import decode_file
+from pneumo.deploy.onnx import OnnxNet, export_onnx
+from pneumo.deploy.predict import Predictor, load_predictor
+from pneumo.models.postprocess import PostProcess
+from pneumo.models.unet import UNet
 
 
 def _decoded(synth_dir, size):

@@ -1,6 +1,6 @@
 import numpy as np
 
-from pneumo.postprocess import PostProcess, apply, merge_overlapping, shape_boxes
+from pneumo.models.postprocess import PostProcess, apply, merge_overlapping, shape_boxes
 
 
 def _blob_map(boxes_px, size=64, frame=1024, level=0.9, noise=0.05, seed=0):

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from pneumo.boxes import parse_prediction_string
+from pneumo.deploy.predict import load_predictor, predict_folder
+from pneumo.deploy.registry import resolve_model
 from pneumo.errors import ModelError
-from pneumo.predict import load_predictor, predict_folder
-from pneumo.registry import resolve_model
 
 # every test here predicts with tiny_run, a model trained for the session (conftest.py)
 pytestmark = pytest.mark.slow

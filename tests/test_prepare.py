@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumo.dicom import read_dicom, resize_area
+from pneumo.data.dicom import read_dicom, resize_area
+from pneumo.data.prepare import open_prepared, prepare, split_patients
 from pneumo.errors import ConfigError, DataError
-from pneumo.prepare import open_prepared, prepare, split_patients
 
 
 def test_prepare_writes_features_boxes_and_cache(synth_dir, tmp_path):
@@ -148,7 +148,7 @@ def _rss_file_kb() -> int:
 
 
 def test_cache_rows_answer_like_the_array(tmp_path):
-    from pneumo.prepare import CacheRows
+    from pneumo.data.prepare import CacheRows
 
     array = np.random.default_rng(0).integers(0, 255, (10, 6, 6), dtype=np.uint8)
     np.save(tmp_path / "images.npy", array)
@@ -176,7 +176,7 @@ def test_cache_rows_answer_like_the_array(tmp_path):
 def test_cache_rows_keep_reading_the_file_they_opened(tmp_path):
     # prepare may replace the cache while a loader's workers still read it: forked workers share
     # the open file, and a copy sent to a spawned worker refuses a different file
-    from pneumo.prepare import CacheRows
+    from pneumo.data.prepare import CacheRows
 
     path = tmp_path / "images.npy"
     np.save(path, np.full((4, 3, 3), 1, dtype=np.uint8))
@@ -193,7 +193,7 @@ def test_cache_rows_keep_reading_the_file_they_opened(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_reading_the_whole_cache_does_not_grow_resident_memory(tmp_path):
     # an epoch reads every row: through a memory map each page would stay resident in the process
-    from pneumo.prepare import CacheRows
+    from pneumo.data.prepare import CacheRows
 
     path = tmp_path / "images.npy"
     np.save(path, np.full((256, 256, 256), 7, dtype=np.uint8))  # 16 MiB

@@ -5,9 +5,9 @@ import threading
 
 import pytest
 
+from pneumo.deploy.registry import export_model, latest_version, resolve_model
 from pneumo.errors import ModelError, RunError
-from pneumo.registry import export_model, latest_version, resolve_model
-from pneumo.rundir import RunDir
+from pneumo.training.rundir import RunDir
 
 
 def _finished_run(path, weights: bytes = b"weights", val_map: float = 0.25) -> RunDir:

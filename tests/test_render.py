@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from pneumo.data import decode_file, dicom_files, layout
+from pneumo.data.layout import decode_file, dicom_files, layout
 from pneumo.io import atomic_save_image
 from pneumo.render import GT_COLOUR, PRED_COLOUR, annotate
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pneumo.rundir import RunDir, read_json
+from pneumo.training.rundir import RunDir, read_json
 
 
 @pytest.fixture

@@ -3,9 +3,9 @@
 import threading
 from types import SimpleNamespace
 
-from pneumo.rundir import RunDir
-from pneumo.runner import _last_error, execute_run
-from pneumo.slots import Slot
+from pneumo.sweeps.runner import _last_error, execute_run
+from pneumo.sweeps.slots import Slot
+from pneumo.training.rundir import RunDir
 
 
 def test_last_error_is_the_runs_own_exception_line(tmp_path):

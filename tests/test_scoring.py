@@ -1,4 +1,4 @@
-"""The per-batch search (pneumo.scoring) against the whole-split search it replaced, kept here
+"""The per-batch search (pneumo.models.scoring) against the whole-split search it replaced, kept here
 verbatim as the reference: same outputs in, same choice and score out, however they are batched."""
 
 import dataclasses
@@ -8,7 +8,7 @@ import pytest
 
 from pneumo.boxes import as_boxes
 from pneumo.metrics import THRESHOLDS, Score, mean_average_precision
-from pneumo.postprocess import (
+from pneumo.models.postprocess import (
     GATE_GRID,
     SHAPE_GRID,
     THRESHOLD_GRID,
@@ -18,7 +18,7 @@ from pneumo.postprocess import (
     candidates,
     shape_boxes,
 )
-from pneumo.scoring import SearchResult, SearchScores, _plateau_best, search
+from pneumo.models.scoring import SearchResult, SearchScores, _plateau_best, search
 
 
 def _blob_map(boxes_px, size=64, frame=1024, level=0.9, noise=0.05, seed=0):

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from pneumo.errors import SweepError
-from pneumo.rundir import RunDir
-from pneumo.search import make_sampler, parse_search
-from pneumo.sweep import load_sweep
+from pneumo.sweeps.study import make_sampler, parse_search
+from pneumo.sweeps.sweep import load_sweep
+from pneumo.training.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = str(ROOT / "notebooks" / "02-train.ipynb")
@@ -217,7 +217,7 @@ def _tiny_notebook(tmp_path, body: str) -> Path:
     return path
 
 
-_FINISH = "from pneumo.rundir import RunDir\nRunDir(run_dir).write_metrics({'status': 'finished'})"
+_FINISH = "from pneumo.training.rundir import RunDir\nRunDir(run_dir).write_metrics({'status': 'finished'})"
 
 
 @pytest.mark.slow
@@ -227,7 +227,7 @@ def test_a_kernel_that_does_not_start_is_retried_a_bounded_number_of_times(tmp_p
     import threading
     from types import SimpleNamespace
 
-    from pneumo.runner import execute_run
+    from pneumo.sweeps.runner import execute_run
 
     kernel = _kernel_spec(tmp_path, fail_first)
     monkeypatch.setenv("JUPYTER_PATH", kernel["JUPYTER_PATH"])
@@ -246,7 +246,7 @@ def test_a_killed_kernel_ends_its_run_as_failed_with_the_reason(tmp_path):
     import threading
     from types import SimpleNamespace
 
-    from pneumo.runner import execute_run
+    from pneumo.sweeps.runner import execute_run
 
     run_dir = RunDir(tmp_path / "runs" / "s" / "oom")
     start = time.monotonic()

@@ -86,7 +86,7 @@ def test_bad_uploads_get_4xx_and_service_keeps_serving(server, synth_dir):
 
 
 def test_oversized_upload_is_refused(server):
-    from pneumo.serve import MAX_UPLOAD_BYTES
+    from pneumo.deploy.serve import MAX_UPLOAD_BYTES
 
     big = b"0" * (MAX_UPLOAD_BYTES + 2 * 1024 * 1024)
     r = httpx.post(f"{server}/predict", files={"file": ("big.dcm", big, "application/dicom")}, timeout=60)
@@ -147,7 +147,7 @@ def test_json_upload_takes_the_documented_upload_size(server):
 
 
 def test_decompression_bomb_upload_is_refused_quickly(server, synth_dir, tmp_path):
-    from pneumo.synth import write_bomb
+    from pneumo.data.synth import write_bomb
 
     bomb = tmp_path / "bomb.dcm"
     write_bomb(next((synth_dir / "stage_2_test_images").glob("*.dcm")), bomb, 14000, 14000)

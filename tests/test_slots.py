@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pneumo.slots import GPU_DRIVER_PATHS, Slot, slots, visible_gpus
+from pneumo.sweeps.slots import GPU_DRIVER_PATHS, Slot, slots, visible_gpus
 
 
 def test_slots_one_gpu_each_or_cores_split():
@@ -39,6 +39,6 @@ def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
                     reason="a GPU driver is loaded here")
 def test_no_gpu_driver_means_no_gpus_without_importing_torch():
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    code = "import sys; from pneumo.slots import visible_gpus; print(visible_gpus(), 'torch' in sys.modules)"
+    code = "import sys; from pneumo.sweeps.slots import visible_gpus; print(visible_gpus(), 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.split() == ["[]", "False"]

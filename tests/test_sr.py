@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from pneumo.sr import Finding, measurement_report, presentation_state, read_source, to_bytes
+from pneumo.deploy.sr import Finding, measurement_report, presentation_state, read_source, to_bytes
 
 BOXES = np.array([[10.5, 20.0, 50.25, 60.0], [100.0, 120.0, 30.0, 40.0]])
 CONFIDENCES = np.array([0.91, 0.47])
@@ -123,8 +123,8 @@ def test_dciodvfy_finds_no_errors(source_path, tmp_path):
 
 @pytest.mark.slow
 def test_predict_writes_a_report_per_image(tiny_run, synth_dir, tmp_path):
-    from pneumo.postprocess import PostProcess
-    from pneumo.predict import load_predictor, predict_folder
+    from pneumo.deploy.predict import load_predictor, predict_folder
+    from pneumo.models.postprocess import PostProcess
 
     images = tmp_path / "images"
     shutil.copytree(synth_dir / "stage_2_test_images", images)
@@ -157,7 +157,7 @@ def test_predict_writes_a_report_per_image(tiny_run, synth_dir, tmp_path):
 
 
 def test_headers_highdicom_refuses_are_reported_not_fatal(source_path, tmp_path):
-    from pneumo.sr import write_reports
+    from pneumo.deploy.sr import write_reports
 
     records = []
     for name, keyword, value in (("odd", "PatientSex", "X"), ("private", "SOPClassUID", "1.2.3")):

@@ -2,8 +2,8 @@
 
 from types import SimpleNamespace
 
-from pneumo.rundir import RunDir
-from pneumo.statusboard import StatusBoard
+from pneumo.sweeps.statusboard import StatusBoard
+from pneumo.training.rundir import RunDir
 
 
 def test_lines_follow_the_run_directories(tmp_path, capsys):

@@ -6,8 +6,8 @@ import numpy as np
 import pydicom
 import pytest
 
+from pneumo.deploy.subgroups import age_band, breakdown_markdown, subgroup_scores, subgroups_of
 from pneumo.metrics import mean_average_precision
-from pneumo.subgroups import age_band, breakdown_markdown, subgroup_scores, subgroups_of
 
 
 def test_age_bands_and_categories():
@@ -45,9 +45,9 @@ def test_breakdown_matches_the_metric_on_each_subset():
 
 @pytest.mark.slow
 def test_predict_labels_writes_the_breakdown(tiny_run, synth_dir, tmp_path):
-    from pneumo.data import read_labels
+    from pneumo.data.layout import read_labels
+    from pneumo.deploy.predict import predict_folder
     from pneumo.metrics import read_submission
-    from pneumo.predict import predict_folder
 
     images = synth_dir / "stage_2_test_images"
     labels = synth_dir / "stage_2_test_labels.csv"

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from pneumo.errors import SweepError
-from pneumo.rundir import RunDir
-from pneumo.sweep import load_sweep, run_name, summarize
+from pneumo.sweeps.sweep import load_sweep, run_name, summarize
+from pneumo.training.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = str(ROOT / "notebooks" / "02-train.ipynb")
@@ -128,7 +128,7 @@ def test_real_parallel_sweep_with_a_failing_run_then_resume(tmp_path, synth_dir)
     card = json.loads((model / "model.json").read_text())
     assert (model / "model.ckpt").is_file() and card["params"]["epochs"] == 3 and card["source_sweep"] == "t"
     assert {"threshold", "git_commit", "data_fingerprint", "created_at", "metrics"} <= set(card)
-    assert (model / "model.md").is_file() and (model / "model.onnx").is_file() and card["subgroups"]  # pneumo.modelcard
+    assert (model / "model.md").is_file() and (model / "model.onnx").is_file() and card["subgroups"]  # pneumo.deploy.modelcard
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
     mux = EventMultiplexer()
     mux.AddRunsFromDirectory(str(runs))
@@ -180,7 +180,7 @@ def _finish(run_dir: RunDir, params: dict) -> None:
 
 
 def test_resume_refuses_finished_runs_of_other_base_parameters(tmp_path, synth_dir):
-    from pneumo.sweep import sweep
+    from pneumo.sweeps.sweep import sweep
 
     spec = {"name": "s", "notebook": NOTEBOOK, "base": {"data_dir": str(synth_dir), **TINY},
             "runs": [{"optimizer": "adam"}]}
@@ -199,7 +199,7 @@ def test_resume_refuses_finished_runs_of_other_base_parameters(tmp_path, synth_d
 
 def test_a_marathon_of_other_parameters_is_kept_and_a_new_one_named(tmp_path):
     from pneumo.config import TrainConfig
-    from pneumo.sweep import _marathon_run
+    from pneumo.sweeps.sweep import _marathon_run
 
     runs_root = tmp_path / "runs"
     params = {**TINY, "optimizer": "adam", "epochs": 5}

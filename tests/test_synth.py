@@ -1,9 +1,9 @@
 import numpy as np
 import pandas as pd
 
-from pneumo.data import CLASSES
-from pneumo.dicom import read_dicom
-from pneumo.synth import Case, _sample_case, make_dataset, render
+from pneumo.data.dicom import read_dicom
+from pneumo.data.layout import CLASSES
+from pneumo.data.synth import Case, _sample_case, make_dataset, render
 
 
 def test_layout_and_csv_formats(synth_dir):

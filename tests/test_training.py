@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pneumo.config import TrainConfig
 from pneumo.errors import RunError
-from pneumo.training import fit
+from pneumo.training.fit import fit
 
 TINY = dict(image_size=64, depth=3, width=4, batch_size=8, n_val_images=4)
 
@@ -139,8 +139,8 @@ def test_diverging_run_raises_a_clear_error(synth_dir, tmp_path):
 def test_truncated_last_checkpoint_falls_back_to_best(finished_run, tmp_path):
     import shutil
 
-    from pneumo.rundir import RunDir
-    from pneumo.training import _resumable_checkpoint
+    from pneumo.training.fit import _resumable_checkpoint
+    from pneumo.training.rundir import RunDir
 
     _, _, run_dir = finished_run
     copy = RunDir(tmp_path / "run")

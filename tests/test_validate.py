@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pydicom
 
-from pneumo.validate import validate
+from pneumo.data.validate import validate
 
 
 def _run(*args):

@@ -25,7 +25,7 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_synth(args) -> int:
-    from pneumo.synth import make_dataset
+    from pneumo.data.synth import make_dataset
 
     result = make_dataset(args.dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
                           size=args.size, workers=args.workers)
@@ -35,7 +35,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from pneumo.validate import validate
+    from pneumo.data.validate import validate
 
     report = validate(args.dir, workers=args.workers)
     if args.json:
@@ -54,8 +54,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from pneumo.cluster import close, dask_client
-    from pneumo.prepare import prepare
+    from pneumo.data.prepare import prepare
+    from pneumo.sweeps.cluster import close, dask_client
 
     client, cluster = dask_client(args.cluster, cluster_file=args.cluster_file) if args.cluster else (None, None)
     try:
@@ -83,7 +83,7 @@ def cmd_score(args) -> int:
 
 def cmd_train(args) -> int:
     from pneumo.config import load_config, parse_overrides
-    from pneumo.training import fit, tensorboard_command
+    from pneumo.training.fit import fit, tensorboard_command
 
     overrides = parse_overrides(args.p)
     if args.data_dir:
@@ -97,8 +97,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from pneumo.rundir import RunDir
-    from pneumo.sweep import load_sweep, sweep
+    from pneumo.sweeps.sweep import load_sweep, sweep
+    from pneumo.training.rundir import RunDir
 
     if args.print_name:  # for scripts (the noxfile): the directory name the sweep's outputs go under
         print(load_sweep(args.params).name)
@@ -122,7 +122,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from pneumo.predict import predict_folder
+    from pneumo.deploy.predict import predict_folder
 
     summary = predict_folder(args.model, args.images_dir, args.out, threshold=args.threshold,
                              min_box_area=args.min_box_area, tta=args.tta, labels=args.labels,
@@ -139,7 +139,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from pneumo.serve import serve
+    from pneumo.deploy.serve import serve
 
     serve(args.model, host=args.host, port=args.port, threshold=args.threshold, min_box_area=args.min_box_area)
     return 0

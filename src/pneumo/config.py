@@ -23,7 +23,7 @@ LOSSES = ("bce_dice", "bce", "dice")
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
 IMAGE_SIZE_RANGE = (32, 1024)  # model input side in pixels; `pneumo prepare` checks the same range
 # search: threshold, shape settings and classifier gate searched on the validation split each
-# epoch (pneumo.postprocess); gate: the threshold and the classifier gate; threshold: the
+# epoch (pneumo.models.postprocess); gate: the threshold and the classifier gate; threshold: the
 # threshold alone; fixed: the values given here.
 POSTPROCESS = ("search", "gate", "threshold", "fixed")
 # mask: boxes are connected components of the opacity map; centre: an anchor-free head (CenterNet

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumo.boxes import as_boxes, iou_matrix, parse_prediction_string
-from pneumo.data import CSV_MISSING
+from pneumo.data.layout import CSV_MISSING
 from pneumo.errors import SubmissionError
 
 THRESHOLDS = tuple(np.round(np.arange(0.40, 0.751, 0.05), 2))
@@ -148,6 +148,6 @@ def read_submission(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def score_files(submission, labels) -> Score:
     """The official score of a submission CSV against a labels CSV."""
-    from pneumo.data import read_labels
+    from pneumo.data.layout import read_labels
 
     return mean_average_precision(read_labels(labels), read_submission(submission))

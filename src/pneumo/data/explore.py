@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pneumo.data import layout
+from pneumo.data.layout import layout
 
 
 def summary_tables(features: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -55,7 +55,7 @@ def window(image: np.ndarray, level: float, width: float) -> np.ndarray:
 def show_patient(data_dir, patient_id: str, boxes=(), level: float = 128, width: float = 256, show_boxes=True,
                  size: int = 512):
     """The annotated, windowed X-ray of one patient as a Pillow image."""
-    from pneumo.dicom import read_dicom
+    from pneumo.data.dicom import read_dicom
     from pneumo.render import annotate
 
     image, _ = read_dicom(layout(data_dir).train_images / f"{patient_id}.dcm")

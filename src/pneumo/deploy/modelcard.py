@@ -1,7 +1,7 @@
 """What an exported model version holds besides its checkpoint: model.md (the model card, with
-metrics by subgroup on the validation split) and model.onnx (pneumo.portable).
+metrics by subgroup on the validation split) and model.onnx (pneumo.deploy.onnx).
 
-`write_extras` is the hook pneumo.sweep hands to `pneumo.registry.export_model`: it runs while
+`write_extras` is the hook pneumo.sweeps.sweep hands to `pneumo.deploy.registry.export_model`: it runs while
 the version directory is filled, before model.ckpt marks the version complete.
 """
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumo.deploy.subgroups import breakdown_markdown, subgroup_scores
 from pneumo.errors import PneumoError
 from pneumo.io import atomic_write_text
-from pneumo.subgroups import breakdown_markdown, subgroup_scores
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ def validation_predictions(predictor, outputs=None, batch_size: int = 32) -> dic
     Returns {"truth", "predictions", "attributes", "data"} keyed by patientId; DataError (or
     another PneumoError) when the prepared data cannot be opened.
     """
-    from pneumo.datamodule import RsnaDataModule
-    from pneumo.training import load_prepared
+    from pneumo.data.datamodule import RsnaDataModule
+    from pneumo.training.fit import load_prepared
 
     prepared = load_prepared(predictor.config, outputs=outputs)
     dm = RsnaDataModule(prepared, predictor.config)
@@ -92,10 +92,10 @@ def card_markdown(card: dict, evaluation: dict | None, breakdown: dict | None, n
 def write_extras(checkpoint: Path, directory: Path, card: dict, outputs=None) -> dict:
     """model.onnx and model.md into directory; returns what model.json adds (the subgroup breakdown).
 
-    The hook pneumo.registry.export_model calls. A checkpoint or data that cannot be loaded leaves
+    The hook pneumo.deploy.registry.export_model calls. A checkpoint or data that cannot be loaded leaves
     the card without subgroup figures (it says why) and no model.onnx: the export still succeeds.
     """
-    from pneumo.predict import load_predictor
+    from pneumo.deploy.predict import load_predictor
 
     breakdown, evaluation, note = None, None, ""
     try:
@@ -103,7 +103,7 @@ def write_extras(checkpoint: Path, directory: Path, card: dict, outputs=None) ->
     except PneumoError as exc:
         predictor, note = None, f"the checkpoint could not be loaded ({exc})"
     if predictor is not None:
-        from pneumo.portable import ONNX_FILE, export_onnx
+        from pneumo.deploy.onnx import ONNX_FILE, export_onnx
 
         export_onnx(predictor, Path(directory) / ONNX_FILE)
         try:
@@ -127,7 +127,7 @@ def complete_version(model_dir, outputs=None) -> list[str]:
     import shutil
     import tempfile
 
-    from pneumo.portable import ONNX_FILE
+    from pneumo.deploy.onnx import ONNX_FILE
 
     model_dir = Path(model_dir)
     missing = [name for name in (MODEL_MARKDOWN, ONNX_FILE) if not (model_dir / name).exists()]

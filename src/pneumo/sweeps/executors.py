@@ -3,7 +3,7 @@
 Both take the same runs and return the same records; the run itself is always
 `runner.execute_run` (one papermill process writing into its run directory), so results land in
 the same outputs/runs/<sweep>/ layout either way. Scheduling beyond one machine is Dask's
-(distributed, dask-jobqueue for SLURM / HTCondor / PBS; built in pneumo.cluster), not ours.
+(distributed, dask-jobqueue for SLURM / HTCondor / PBS; built in pneumo.sweeps.cluster), not ours.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import threading
 import time
 from pathlib import Path
 
-from pneumo.cluster import close as close_dask
-from pneumo.cluster import dask_client
-from pneumo.rundir import RunDir
-from pneumo.runner import execute_run
-from pneumo.slots import Slot, slots, visible_gpus
-from pneumo.statusboard import StatusBoard
+from pneumo.sweeps.cluster import close as close_dask
+from pneumo.sweeps.cluster import dask_client
+from pneumo.sweeps.runner import execute_run
+from pneumo.sweeps.slots import Slot, slots, visible_gpus
+from pneumo.sweeps.statusboard import StatusBoard
+from pneumo.training.rundir import RunDir
 
 
 class ListSource:

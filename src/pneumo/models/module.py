@@ -1,7 +1,7 @@
 """The LightningModule: the network, its loss, the official metric on validation, optimizers.
 
 Side effects (status files, thread shares, annotated images, the epoch record) are callbacks
-in pneumo.callbacks; the post-processing search is the pure pneumo.postprocess.search.
+in pneumo.training.callbacks; the post-processing search is the pure pneumo.models.postprocess.search.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pneumo.centres import centre_loss, image_outputs
 from pneumo.config import TrainConfig
-from pneumo.datamodule import augment
+from pneumo.data.datamodule import augment
 from pneumo.errors import TrainingDiverged
 from pneumo.metrics import Score
-from pneumo.model import NetOutput, UNet, opacity_probability
-from pneumo.postprocess import PostProcess
-from pneumo.scoring import SearchScores
+from pneumo.models.heads.centre import centre_loss, image_outputs
+from pneumo.models.postprocess import PostProcess
+from pneumo.models.scoring import SearchScores
+from pneumo.models.unet import NetOutput, UNet, opacity_probability
 
 
 def build_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float):
@@ -64,7 +64,7 @@ def rank_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
 class ValidationResult:
     """One validation epoch's score and choice, and the few outputs the callbacks draw.
 
-    Outputs are scored batch by batch (pneumo.scoring) and dropped: only those of the first
+    Outputs are scored batch by batch (pneumo.models.scoring) and dropped: only those of the first
     positive and negative images, as many as ValidationImages may draw, are kept."""
 
     rows: np.ndarray  # cache rows of the kept outputs, in validation order
@@ -167,7 +167,7 @@ class OpacityModule(L.LightningModule):
         out = self(batch["images"], batch["metadata"])
         loss = self._loss(out, batch).item()
         opacity = opacity_probability(out.classes).cpu().numpy() if out.classes is not None else None
-        # scored now and dropped: nothing the size of the validation split is held (pneumo.scoring);
+        # scored now and dropped: nothing the size of the validation split is held (pneumo.models.scoring);
         # float16 maps as before, so the search chooses as it did
         dm = self.trainer.datamodule
         self._validation.add(batch["rows"].cpu().numpy(), image_outputs(out, np.float16), opacity, loss,

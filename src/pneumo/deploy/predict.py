@@ -1,5 +1,5 @@
 """Batch inference on DICOM files: annotations.json, Kaggle submission.csv, annotated PNGs, errors.csv;
-with dicom_sr / dicom_gsps also sr/<patientId>.dcm / gsps/<patientId>.dcm and warnings.csv (pneumo.sr).
+with dicom_sr / dicom_gsps also sr/<patientId>.dcm / gsps/<patientId>.dcm and warnings.csv (pneumo.deploy.sr).
 
 Every input file ends up in exactly one of submission.csv and errors.csv. Per-image results
 are written as they come (OUT/.parts/), so an interrupted run re-run with the same model and
@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from pneumo.boxes import box_records, format_prediction_string
-from pneumo.data import decode_file, dicom_files
+from pneumo.data.layout import decode_file, dicom_files
+from pneumo.deploy.registry import resolve_model
 from pneumo.errors import ConfigError, DataError, ModelError
 from pneumo.io import atomic_save_image, atomic_write_json, atomic_write_text
-from pneumo.postprocess import PostProcess, apply
-from pneumo.registry import resolve_model
+from pneumo.models.postprocess import PostProcess, apply
 
 log = logging.getLogger(__name__)
 SUBGROUP_FIELDS = ("PatientSex", "PatientAge", "ViewPosition")  # kept per image for score.json's subgroups
@@ -58,8 +58,8 @@ class Predictor:
         opacity probabilities (None without a classifier)."""
         import torch
 
-        from pneumo.centres import image_outputs
-        from pneumo.model import NetOutput, metadata_vector, opacity_probability
+        from pneumo.models.heads.centre import image_outputs
+        from pneumo.models.unet import NetOutput, metadata_vector, opacity_probability
 
         x = torch.from_numpy(batch).to(self.device)[:, None].float() / 255.0
         meta = None
@@ -96,7 +96,7 @@ def load_predictor(model, threshold: float | None = None, min_box_area: float | 
     import torch
 
     from pneumo.config import TrainConfig
-    from pneumo.model import UNet
+    from pneumo.models.unet import UNet
 
     if threshold is not None and not 0 < threshold < 1:
         raise ConfigError(f"threshold {threshold:g}: must be a probability between 0 and 1")
@@ -134,7 +134,7 @@ def _input_files(images_dir: Path) -> list[Path]:
 
 
 class _Decoded:
-    """DataLoader items (pneumo.data.Decoded): decoding happens in worker processes, in
+    """DataLoader items (pneumo.data.layout.Decoded): decoding happens in worker processes, in
     parallel with inference."""
 
     def __init__(self, files, size: int, keep_image: bool):
@@ -182,7 +182,7 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
     parts = _parts_dir(out, predictor, tta)
     gt = None
     if labels:
-        from pneumo.data import read_labels
+        from pneumo.data.layout import read_labels
 
         gt = read_labels(labels)
 
@@ -296,8 +296,8 @@ def _assemble(files, part_path, out: Path, predictor: Predictor, gt, n_new: int,
                "images_per_second": round(n_new / seconds, 1) if seconds > 0 and n_new else None,
                "out": str(out), "model": predictor.name}
     if gt is not None:
+        from pneumo.deploy.subgroups import subgroup_scores
         from pneumo.metrics import mean_average_precision, read_submission
-        from pneumo.subgroups import subgroup_scores
 
         preds = read_submission(out / "submission.csv")
         scored = {pid: boxes for pid, boxes in gt.items() if pid in preds}
@@ -306,7 +306,7 @@ def _assemble(files, part_path, out: Path, predictor: Predictor, gt, n_new: int,
         summary["map"] = score.map
         summary["n_scored"] = score.n_images
     if any(dicom):
-        from pneumo.sr import parts_records, write_reports
+        from pneumo.deploy.sr import parts_records, write_reports
 
         summary.update(write_reports(parts_records(files, part_path), out, predictor.name, *dicom))
     return summary

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pneumo.errors import ModelError, RunError
 from pneumo.io import atomic_write_json
-from pneumo.rundir import RunDir, read_json
+from pneumo.training.rundir import RunDir, read_json
 
 MODEL_CHECKPOINT = "model.ckpt"
 MODEL_CARD = "model.json"
@@ -61,7 +61,7 @@ def export_model(run_dir, models_root: Path, name: str, source_sweep: str, extra
 
     Each export of a new run is a new version; exporting the same run again returns the
     version it already has. extras(checkpoint, directory, card) may write more files into
-    directory (pneumo.modelcard: model.md, model.onnx) and returns fields to add to model.json;
+    directory (pneumo.deploy.modelcard: model.md, model.onnx) and returns fields to add to model.json;
     it runs before a version is claimed, and its files move into the version with the card.
     """
     run_dir = RunDir(run_dir)

@@ -5,7 +5,7 @@ components above the threshold) or `Candidates` (the centre head: scored boxes d
 heat-map peaks, kept above the threshold). Everything after that is the same for both.
 
 Pure functions of numpy arrays: the same `apply` runs in validation, `pneumo predict` and
-`pneumo serve`, with the settings that the search (pneumo.scoring, over the grids below) chose
+`pneumo serve`, with the settings that the search (pneumo.models.scoring, over the grids below) chose
 on the validation split and training stored in the checkpoint. The search scores every
 candidate with the official metric, because the RSNA score punishes a misplaced threshold or
 gate hard (one box on an image without opacity scores that image 0).

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from pneumo.boxes import boxes_to_mask, scale
 from pneumo.config import TrainConfig
-from pneumo.data import CLASSES
+from pneumo.data.layout import CLASSES
 from pneumo.errors import DataError
-from pneumo.model import metadata_vector
+from pneumo.models.unet import metadata_vector
 
 
 class CacheBatches(torch.utils.data.Dataset):

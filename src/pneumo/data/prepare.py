@@ -24,7 +24,7 @@ import numpy as np
 
 from pneumo.boxes import check_patient_id
 from pneumo.config import IMAGE_SIZE_RANGE, TrainConfig
-from pneumo.data import (
+from pneumo.data.layout import (
     CLASS_COLUMNS,
     CSV_MISSING,
     POSITIVE_CLASS,

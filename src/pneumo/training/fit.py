@@ -10,14 +10,14 @@ from pathlib import Path
 
 from pneumo.config import EXECUTION_FIELDS, TrainConfig
 from pneumo.errors import ConfigError, DataError, RunError
-from pneumo.rundir import RunDir
+from pneumo.training.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 
 
 def default_run_dir(config: TrainConfig) -> Path:
-    from pneumo.prepare import outputs_root
+    from pneumo.data.prepare import outputs_root
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return outputs_root() / "runs" / "train" / f"{stamp}-{config.optimizer}-lr{config.learning_rate:g}"
@@ -25,7 +25,7 @@ def default_run_dir(config: TrainConfig) -> Path:
 
 def load_prepared(config: TrainConfig, outputs=None):
     """The prepared cache for config: data_dir itself if it is one, else prepare (or reuse) it."""
-    from pneumo.prepare import open_prepared, prepare
+    from pneumo.data.prepare import open_prepared, prepare
 
     data_dir = Path(config.data_dir).expanduser()
     if (data_dir / "manifest.json").is_file():
@@ -85,10 +85,10 @@ def fit(config: TrainConfig, run_dir=None) -> dict:
     import lightning as L
     import torch
 
-    from pneumo.callbacks import RunRecorder, ThreadShare, TrialReport, ValidationImages
-    from pneumo.datamodule import RsnaDataModule
-    from pneumo.module import OpacityModule
-    from pneumo.search import trial_from_environment
+    from pneumo.data.datamodule import RsnaDataModule
+    from pneumo.models.module import OpacityModule
+    from pneumo.sweeps.study import trial_from_environment
+    from pneumo.training.callbacks import RunRecorder, ThreadShare, TrialReport, ValidationImages
 
     if not isinstance(config, TrainConfig):
         raise ConfigError("fit() takes a TrainConfig")

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-N_CLASSES = 3  # the classes of stage_2_detailed_class_info.csv, in pneumo.data.CLASSES order
+N_CLASSES = 3  # the classes of stage_2_detailed_class_info.csv, in pneumo.data.layout.CLASSES order
 N_METADATA = 3  # view position AP, sex male, age / 100: see metadata_vector
 CENTRE_STRIDE = 4  # the centre head reads the decoder at 1/4 of the input side, as CenterNet does
 
@@ -97,7 +97,7 @@ class UNet(nn.Module):
 
 
 def opacity_probability(class_logits: torch.Tensor) -> torch.Tensor:
-    """P(Lung Opacity) from class logits: the first class of pneumo.data.CLASSES."""
+    """P(Lung Opacity) from class logits: the first class of pneumo.data.layout.CLASSES."""
     return torch.softmax(class_logits.float(), dim=1)[:, 0]
 
 

@@ -3,9 +3,9 @@
 A params file names the notebook, the base parameters and the runs (a list and/or a grid).
 Every run is validated against the notebook's parameters cell and TrainConfig before any
 starts. This module holds that spec, the orchestration and the summary: the runs execute in
-pneumo.executors (one per visible GPU, the CPU cores split between them, or as tasks of a Dask
+pneumo.sweeps.executors (one per visible GPU, the CPU cores split between them, or as tasks of a Dask
 cluster). A failed or killed run is recorded and the others go on; --resume finishes what is
-not done. The marathon trains the best run longer into a versioned model (pneumo.registry).
+not done. The marathon trains the best run longer into a versioned model (pneumo.deploy.registry).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pneumo.config import EXECUTION_FIELDS, TrainConfig, read_params_file
+from pneumo.deploy.registry import export_model
 from pneumo.errors import ConfigError, PneumoError, SweepError
-from pneumo.executors import make_executor
 from pneumo.io import atomic_write_text
-from pneumo.registry import export_model
-from pneumo.rundir import RunDir
+from pneumo.sweeps.executors import make_executor
+from pneumo.training.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Sweep:
     base: dict
     runs: list[Run]
     marathon: dict = field(default_factory=dict)
-    search: object = None  # a pneumo.search.SearchSpec: the runs are the trials of an Optuna study
+    search: object = None  # a pneumo.sweeps.study.SearchSpec: the runs are the trials of an Optuna study
 
 
 def _short(value) -> str:
@@ -136,10 +136,10 @@ def load_sweep(path, data_dir=None) -> Sweep:
 
 
 def _search_spec(spec: dict, base: dict, allowed: set[str], path: Path):
-    """The search: section checked like a run (pneumo.search); its base data_dir made absolute."""
+    """The search: section checked like a run (pneumo.sweeps.study); its base data_dir made absolute."""
     if spec.get("search") is None:
         return None
-    from pneumo.search import parse_search
+    from pneumo.sweeps.study import parse_search
 
     if "data_dir" in base:  # trials execute in their own run directory
         base["data_dir"] = str(Path(str(base["data_dir"])).expanduser().resolve())
@@ -212,7 +212,7 @@ def sweep(params_file, out="outputs", data_dir=None, max_parallel: int | None = 
     """Run a sweep (and optionally its marathon); returns where everything is and which runs failed.
 
     cluster: None runs on this machine; 'local', 'slurm', 'htcondor', 'pbs' or a scheduler
-    address run the same runs as Dask tasks (see pneumo.executors). storage: a search's study
+    address run the same runs as Dask tasks (see pneumo.sweeps.executors). storage: a search's study
     (SQLAlchemy URL; default SQLite <out>/sweeps/<name>/study.db).
     """
     spec = load_sweep(params_file, data_dir=data_dir)
@@ -256,8 +256,8 @@ def sweep(params_file, out="outputs", data_dir=None, max_parallel: int | None = 
 
 
 def _run_search(spec: Sweep, executor, out: Path, storage: str | None, resume: bool) -> None:
-    """Trials of the study as slots free up (pneumo.search); spec.runs becomes the study's runs."""
-    from pneumo import search
+    """Trials of the study as slots free up (pneumo.sweeps.study); spec.runs becomes the study's runs."""
+    from pneumo.sweeps import study as search
 
     url = storage or search.default_storage(out / "sweeps", spec.name)
     study, store = search.open_study(spec.name, spec.search, url, resume)
@@ -275,7 +275,7 @@ def _run_search(spec: Sweep, executor, out: Path, storage: str | None, resume: b
 
 def _prepare_once(spec: Sweep, runs: list[Run], out: Path) -> None:
     """Prepare each distinct data cache before the runs start, so parallel runs never race to build it."""
-    from pneumo.training import load_prepared
+    from pneumo.training.fit import load_prepared
 
     seen = set()
     for run in runs:
@@ -321,7 +321,10 @@ def run_marathon(spec: Sweep, rows: list[dict], out: Path, executor) -> dict:
             raise SweepError(f"marathon failed: {result.get('error', result['state'])}; log: {run_dir.log}")
     from functools import partial
 
-    from pneumo.modelcard import complete_version, write_extras  # model.md (subgroups), model.onnx
+    from pneumo.deploy.modelcard import (  # model.md (subgroups), model.onnx
+        complete_version,
+        write_extras,
+    )
 
     model_dir = export_model(run_dir, out / "models", spec.name, spec.name, extras=partial(write_extras, outputs=out))
     complete_version(model_dir, outputs=out)  # a version exported before model.md and model.onnx existed

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumo import __version__
-from pneumo.dicom import parse_age, quiet_pydicom
+from pneumo.data.dicom import parse_age, quiet_pydicom
 from pneumo.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ def write_reports(records, out, model: str, sr: bool = True, gsps: bool = False)
 
 
 def parts_records(files, part_path):
-    """(record, its mtime) of each predicted file's part (pneumo.predict's OUT/.parts)."""
+    """(record, its mtime) of each predicted file's part (pneumo.deploy.predict's OUT/.parts)."""
     for f in files:
         path = part_path(f)
         record = json.loads(path.read_text())

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from pneumo.rundir import RunDir
+from pneumo.training.rundir import RunDir
 
 
 class StatusBoard:

@@ -22,7 +22,7 @@ import numpy as np
 
 from pneumo.boxes import as_boxes, iou_matrix
 from pneumo.metrics import THRESHOLDS, Score, true_positives_by_rank
-from pneumo.postprocess import (
+from pneumo.models.postprocess import (
     GATE_GRID,
     SHAPE_GRID,
     THRESHOLD_GRID,

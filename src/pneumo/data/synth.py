@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumo.data import (
+from pneumo.data.dicom import quiet_pydicom
+from pneumo.data.layout import (
     CLASS_COLUMNS,
     CLASS_INFO,
     CLASSES,
@@ -27,7 +28,6 @@ from pneumo.data import (
     TRAIN_IMAGES,
     TRAIN_LABELS,
 )
-from pneumo.dicom import quiet_pydicom
 from pneumo.errors import DataError
 from pneumo.io import atomic_file, atomic_write_json, atomic_write_text
 

@@ -1,7 +1,7 @@
 """`pneumo serve`: an HTTP service around one loaded model (FastAPI + uvicorn).
 
 POST /predict  one DICOM (multipart field `file`, or JSON {"dicom_base64": ...}) -> boxes;
-               ?format=sr -> the boxes as a DICOM SR file (application/dicom, pneumo.sr)
+               ?format=sr -> the boxes as a DICOM SR file (application/dicom, pneumo.deploy.sr)
 GET  /health   liveness and the model name
 GET  /model    the model card
 """
@@ -31,8 +31,8 @@ def create_app(model, threshold: float | None = None, min_box_area: float | None
     from fastapi.responses import JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
 
-    from pneumo.predict import load_predictor
-    from pneumo.registry import resolve_model
+    from pneumo.deploy.predict import load_predictor
+    from pneumo.deploy.registry import resolve_model
 
     predictor = load_predictor(model, threshold, min_box_area)  # once, at start-up
     _, card = resolve_model(model)
@@ -58,11 +58,11 @@ def create_app(model, threshold: float | None = None, min_box_area: float | None
         # decoding and inference are blocking: run them off the event loop
         result = await run_in_threadpool(predict_upload, predictor, lock, data, filename, annotated, decodes)
         if format == "sr":
-            from pneumo.sr import upload_report
+            from pneumo.deploy.sr import upload_report
 
             try:
                 report, warnings = await run_in_threadpool(upload_report, data, result, predictor.name)
-            except (ValueError, KeyError, TypeError) as exc:  # a header highdicom refuses (pneumo.sr)
+            except (ValueError, KeyError, TypeError) as exc:  # a header highdicom refuses (pneumo.deploy.sr)
                 raise HTTPException(422, f"{filename or 'upload'}: no SR for this header ({exc})") from None
             headers = {"X-Pneumo-Warnings": "; ".join(warnings)} if warnings else {}
             return Response(report, media_type="application/dicom", headers=headers)
@@ -128,7 +128,7 @@ def predict_upload(predictor, lock, data: bytes, filename: str, annotated: bool,
     from fastapi import HTTPException
 
     from pneumo.boxes import box_records
-    from pneumo.data import decode_file
+    from pneumo.data.layout import decode_file
 
     if not data:
         raise HTTPException(400, "empty upload")

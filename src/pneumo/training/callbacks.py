@@ -12,8 +12,8 @@ import torch
 
 from pneumo.boxes import scale
 from pneumo.io import atomic_save_image
-from pneumo.postprocess import apply
-from pneumo.rundir import RunDir
+from pneumo.models.postprocess import apply
+from pneumo.training.rundir import RunDir
 
 
 class RunRecorder(L.Callback):
@@ -63,7 +63,7 @@ class RunRecorder(L.Callback):
 
 
 class TrialReport(L.Callback):
-    """A search trial (pneumo.search): each epoch's val/map goes to the Optuna study, and when
+    """A search trial (pneumo.sweeps.study): each epoch's val/map goes to the Optuna study, and when
     its pruner says so the run stops at this epoch's end, keeping its checkpoints and logs.
 
     Listed after the RunRecorder, whose epoch record it reports.

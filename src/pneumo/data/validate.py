@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from pneumo.boxes import check_patient_id
-from pneumo.data import (
+from pneumo.data.layout import (
     CLASS_COLUMNS,
     CLASSES,
     POSITIVE_CLASS,

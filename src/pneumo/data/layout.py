@@ -168,7 +168,7 @@ def decode_file(path, image_size: int | None = None, keep_full: bool = False, me
     scaled down in the decoder to no less than image_size, then area-resized as the rest
     (within a grey level of the full decode on real RSNA files: docs/architecture.md).
     """
-    from pneumo.dicom import read_dicom, resize_area
+    from pneumo.data.dicom import read_dicom, resize_area
 
     path = Path(path)
     scaled_decode = bool(image_size) and not keep_full and not measure_std

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from pneumo.io import atomic_write_text
-from pneumo.rundir import RunDir
-from pneumo.slots import Slot
+from pneumo.sweeps.slots import Slot
+from pneumo.training.rundir import RunDir
 
 _EXCEPTION_LINE = re.compile(r"^[A-Z][\w.]*(Error|Exception|Diverged|Interrupt|Exit)\w*: .+")
 # A kernel that never came up (papermill issues 239 and 511: a port taken between choosing and

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pneumo.model import CENTRE_STRIDE, NetOutput
-from pneumo.postprocess import decode_centres
+from pneumo.models.postprocess import decode_centres
+from pneumo.models.unet import CENTRE_STRIDE, NetOutput
 
 
 def box_extents(box_masks: torch.Tensor):
