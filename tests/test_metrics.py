@@ -5,7 +5,8 @@ import sys
 import numpy as np
 import pytest
 
-from pneumo.metrics import THRESHOLDS, image_precisions, mean_average_precision, score_files
+from pneumo.data.submission import score_files
+from pneumo.metrics import THRESHOLDS, image_precisions, mean_average_precision
 
 
 def test_thresholds_are_the_official_ones():

@@ -81,7 +81,7 @@ def test_valid_labels_lose_no_row_and_invent_none(tmp_path, labels):
 @PROPERTY
 @given(labels=_labels())
 def test_labels_scored_against_themselves_are_perfect(tmp_path, labels):
-    from pneumo.metrics import score_files
+    from pneumo.data.submission import score_files
 
     truth, text = labels
     lines = ["patientId,PredictionString"] + [
@@ -118,7 +118,7 @@ def test_prediction_strings_round_trip(boxes):
 @given(rows=st.lists(st.tuples(st.one_of(PATIENT_IDS, CSV_CELLS), CSV_CELLS), max_size=6),
        header=st.sampled_from(["patientId,PredictionString", "patientId", "PredictionString,patientId", ""]))
 def test_any_submission_csv_reads_or_is_one_package_error(tmp_path, rows, header):
-    from pneumo.metrics import read_submission
+    from pneumo.data.submission import read_submission
 
     text = "\n".join([header, *(f"{a},{b}" for a, b in rows)])
     try:

@@ -70,7 +70,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from pneumo.metrics import score_files
+    from pneumo.data.submission import score_files
 
     score = score_files(args.submission, args.labels)
     if args.json:
@@ -196,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="papermill runs of notebooks/02-train.ipynb in parallel, one per parameter set")
     p.add_argument("params", type=Path, help="sweep file, e.g. params/optimizers.yaml")
-    p.add_argument("--out", type=Path, default=Path("outputs"),
-                   help="outputs root: runs/<sweep>/, sweeps/<sweep>/ (summary), models/<sweep>/, data/ (default: outputs)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="outputs root: runs/<sweep>/, sweeps/<sweep>/ (summary), models/<sweep>/, data/ "
+                        "(default: $PNEUMO_OUTPUTS, else the nearest outputs/ folder, else ./outputs)")
     p.add_argument("--data-dir", default=None, help="RSNA data directory (overrides the file's data_dir)")
     p.add_argument("--max-parallel", type=_positive_int, default=None,
                    help="runs at once (default: one per GPU, else one per CPU core)")

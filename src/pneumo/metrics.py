@@ -9,13 +9,10 @@ truth score 0. The dataset score is the mean over the remaining images.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from pneumo.boxes import as_boxes, iou_matrix, parse_prediction_string
-from pneumo.data.layout import CSV_MISSING
-from pneumo.errors import SubmissionError
+from pneumo.boxes import as_boxes, iou_matrix
 
 THRESHOLDS = tuple(np.round(np.arange(0.40, 0.751, 0.05), 2))
 
@@ -117,37 +114,3 @@ def mean_average_precision(ground_truth: dict, predictions: dict, thresholds=THR
     per_t = {f"{t:.2f}": float(v) for t, v in zip(thresholds, table.mean(axis=0))}
     per_image = dict(zip(ids, (float(v) for v in table.mean(axis=1))))
     return Score(float(table.mean()), len(table), per_t, per_image)
-
-
-def read_submission(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Kaggle submission CSV (patientId,PredictionString) -> {patientId: (boxes, confidences)}."""
-    import pandas as pd
-
-    path = Path(path)
-    try:
-        df = pd.read_csv(path, dtype={"patientId": str, "PredictionString": str}, **CSV_MISSING)
-    except FileNotFoundError:
-        raise SubmissionError(f"{path}: no such file") from None
-    except OSError as exc:  # a directory, no permission
-        raise SubmissionError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise SubmissionError(f"{path}: not a readable CSV ({exc})") from None
-    missing = {"patientId", "PredictionString"} - set(df.columns)
-    if missing:
-        raise SubmissionError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-    out = {}
-    for pid, text in df[["patientId", "PredictionString"]].itertuples(index=False):
-        if pid in out:
-            raise SubmissionError(f"{path}: patientId {pid} appears more than once")
-        try:
-            out[pid] = parse_prediction_string(text)
-        except ValueError as exc:
-            raise SubmissionError(f"{path}: patientId {pid}: malformed PredictionString: {exc}") from None
-    return out
-
-
-def score_files(submission, labels) -> Score:
-    """The official score of a submission CSV against a labels CSV."""
-    from pneumo.data.layout import read_labels
-
-    return mean_average_precision(read_labels(labels), read_submission(submission))

@@ -7,26 +7,27 @@ as tensors on the training device, so the loader never becomes the bottleneck.
 
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pneumo.boxes import boxes_to_mask, scale
 from pneumo.config import TrainConfig
+from pneumo.data.augment import augment
 from pneumo.data.layout import CLASSES
+from pneumo.data.metadata import N_METADATA, metadata_vector
 from pneumo.errors import DataError
-from pneumo.models.unet import metadata_vector
 
 
 class CacheBatches(torch.utils.data.Dataset):
     """Dataset whose items are whole batches: a list of cache rows in, a Batch of tensors out."""
 
     def __init__(self, images: np.ndarray, boxes_by_row: dict[int, np.ndarray], classes: np.ndarray,
-                 metadata: np.ndarray, box_channels: int = 0):
+                 metadata: np.ndarray, box_channels: int = 0, gt_boxes: dict | None = None,
+                 frames: np.ndarray | None = None):
         self.images = images
+        # the truth in the original frame and that frame (rows, columns), what validation scores
+        self.gt_boxes, self.frames = gt_boxes or {}, frames
         # 0: masks is one channel, the union of the boxes; K: one channel per box (K at least the
         # most boxes of any image), so augmentation moves each box and its centre can be found again
         self.box_channels = box_channels
@@ -50,15 +51,24 @@ class CacheBatches(torch.utils.data.Dataset):
         rows = np.sort(np.asarray(rows))  # sorted: consecutive rows are one read
         images = torch.from_numpy(np.ascontiguousarray(self.images[rows]))[:, None]
         masks = np.stack([self._masks(self.boxes_by_row.get(int(r), np.zeros((0, 4)))) for r in rows])
-        return {"images": images, "masks": torch.from_numpy(masks.astype(np.uint8)),
-                "rows": torch.from_numpy(rows), "classes": torch.from_numpy(self.classes[rows]),
-                "metadata": torch.from_numpy(self.metadata[rows])}
+        batch = {"images": images, "masks": torch.from_numpy(masks.astype(np.uint8)),
+                 "rows": torch.from_numpy(rows), "classes": torch.from_numpy(self.classes[rows]),
+                 "metadata": torch.from_numpy(self.metadata[rows])}
+        if self.frames is not None:
+            batch["frames"] = torch.from_numpy(self.frames[rows])
+            batch["gt_boxes"] = [self.gt_boxes.get(int(r), np.zeros((0, 4))) for r in rows]
+        return batch
 
 
 class RsnaDataModule(L.LightningDataModule):
-    """Train/val batches from a Prepared cache, split as prepare wrote it."""
+    """Train/val batches from a Prepared cache, split as prepare wrote it, normalised and (in
+    training) augmented once on the training device.
 
-    def __init__(self, prepared, config: TrainConfig):
+    box_targets is what the model's losses need drawn from the boxes (pneumo.models.net.Net.
+    box_targets): "union", one mask channel, or "per_box", one channel per box.
+    """
+
+    def __init__(self, prepared, config: TrainConfig, box_targets: str = "union"):
         super().__init__()
         self.prepared = prepared
         self.config = config
@@ -82,7 +92,11 @@ class RsnaDataModule(L.LightningDataModule):
             self.gt_boxes[row.index] = boxes
             self.model_boxes[row.index] = scale(boxes, size / row.columns, size / row.rows)
         all_rows = prepared.features
-        classes, metadata = np.zeros(len(all_rows), dtype=np.int64), np.zeros((len(all_rows), 3), dtype=np.float32)
+        classes = np.zeros(len(all_rows), dtype=np.int64)
+        metadata = np.zeros((len(all_rows), N_METADATA), dtype=np.float32)
+        frames = np.zeros((len(all_rows), 2), dtype=np.int64)
+        for row, frame in self.frame.items():
+            frames[row] = frame
         for index, klass, target, view, sex, age in zip(
                 all_rows["index"], all_rows["class"], all_rows["Target"], all_rows["ViewPosition"],
                 all_rows["PatientSex"], all_rows["PatientAge"]):
@@ -90,8 +104,18 @@ class RsnaDataModule(L.LightningDataModule):
             klass = klass if klass in CLASSES else CLASSES[0 if target else 2]
             classes[index] = CLASSES.index(klass)
             metadata[index] = metadata_vector(view, sex, age)
-        channels = max(1, max(len(b) for b in self.model_boxes.values())) if config.head == "centre" else 0
-        self.dataset = CacheBatches(prepared.images(), self.model_boxes, classes, metadata, channels)
+        channels = max(1, max(len(b) for b in self.model_boxes.values())) if box_targets == "per_box" else 0
+        self.dataset = CacheBatches(prepared.images(), self.model_boxes, classes, metadata, channels,
+                                    self.gt_boxes, frames)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        batch = dict(batch, images=batch["images"].float() / 255.0, masks=batch["masks"].float())
+        trainer = self.trainer
+        if self.config.augment and trainer is not None and trainer.training:
+            # seeded by step, not by the global RNG, so a resumed run augments as the original did
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + trainer.global_step)
+            batch["images"], batch["masks"] = augment(batch["images"], batch["masks"], generator)
+        return batch
 
     def _workers(self) -> int:
         if self.config.num_workers >= 0:
@@ -144,37 +168,3 @@ def _stratified_subset(features, n: int, seed: int):
         k = max(1, int(round(len(group) * frac)))
         keep.extend(rng.choice(group.index.to_numpy(), size=min(k, len(group)), replace=False))
     return features.loc[sorted(keep)]
-
-
-def _affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """F.affine_grid(theta, ..., align_corners=False), computed at the four corner pixel centres
-    and expanded bilinearly: exact for an affine map, and about 3x faster on the CPU."""
-    xs = (1 - width) / width, (width - 1) / width
-    ys = (1 - height) / height, (height - 1) / height
-    corners = torch.tensor([[x, y, 1.0] for y in ys for x in xs], dtype=theta.dtype, device=theta.device)
-    points = torch.einsum("pk,bjk->bjp", corners, theta).reshape(-1, 2, 2, 2)  # (B, xy, y, x)
-    grid = F.interpolate(points, size=(height, width), mode="bilinear", align_corners=True)
-    return grid.permute(0, 2, 3, 1)
-
-
-def augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator | None = None):
-    """Random flips, small affine (rotation, scale, shift) and brightness/contrast, batched."""
-    b = images.shape[0]
-    dev = images.device
-
-    def u(lo, hi):
-        return torch.rand(b, generator=generator).to(dev) * (hi - lo) + lo
-
-    flip = torch.where(torch.rand(b, generator=generator).to(dev) < 0.5, -1.0, 1.0)
-    angle = u(-7, 7) * math.pi / 180
-    zoom = u(0.9, 1.1)
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([torch.stack([cos * flip, -sin, u(-0.06, 0.06)], 1),
-                         torch.stack([sin * flip, cos, u(-0.06, 0.06)], 1)], 1)
-    grid = _affine_grid(theta, images.shape[-2], images.shape[-1])
-    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    masks = F.grid_sample(masks, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    contrast, brightness = u(0.8, 1.2).view(b, 1, 1, 1), u(-0.08, 0.08).view(b, 1, 1, 1)
-    mean = images.mean(dim=(1, 2, 3), keepdim=True)
-    images = ((images - mean) * contrast + mean + brightness).clamp(0, 1)
-    return images, masks

@@ -37,23 +37,12 @@ from pneumo.data.layout import (
 )
 from pneumo.errors import DataError
 from pneumo.io import atomic_dir, atomic_write_json
+from pneumo.paths import Outputs
 
 log = logging.getLogger(__name__)
 
 PREPARE_VERSION = 1  # bump when the cache format or decoding changes: it renames every cache
 PREPARED_FILES = {"features.csv", "boxes.csv", "images.npy", "skipped.csv", "manifest.json"}
-
-
-def outputs_root() -> Path:
-    """Where commands write by default: $PNEUMO_OUTPUTS, else the nearest outputs/ folder of
-    the working directory or its parents (so notebooks/ finds the project's), else ./outputs."""
-    if os.environ.get("PNEUMO_OUTPUTS"):
-        return Path(os.environ["PNEUMO_OUTPUTS"])
-    here = Path.cwd()
-    for folder in (here, *here.parents):
-        if (folder / "outputs").is_dir():
-            return folder / "outputs"
-    return Path("outputs")
 
 
 def fingerprint(data_dir, image_size: int, val_fraction: float, seed: int) -> str:
@@ -314,7 +303,7 @@ def prepare(data_dir, out=None, image_size: int = TrainConfig.image_size, val_fr
             client=None) -> Prepared:
     """Build (or reuse, when the fingerprint matches) the prepared cache of data_dir.
 
-    out defaults to <outputs>/data/<fingerprint>, outputs to outputs_root(). With a Dask
+    out defaults to <outputs>/data/<fingerprint> (pneumo.paths). With a Dask
     client, decoding runs on the cluster's workers (they must see data_dir). image_size,
     val_fraction and seed default to TrainConfig's, so a default cache is what a default run reads.
     """
@@ -327,7 +316,7 @@ def prepare(data_dir, out=None, image_size: int = TrainConfig.image_size, val_fr
         raise DataError(f"val fraction {val_fraction}: must be in [0, 1)")
     lay = layout(data_dir)
     fp = fingerprint(lay.root, image_size, val_fraction, seed)
-    out = Path(out) if out else Path(outputs or outputs_root()) / "data" / fp
+    out = Path(out) if out else Outputs.at(outputs).data(fp)
     if not force and (out / "manifest.json").is_file():
         try:
             if json.loads((out / "manifest.json").read_text()).get("fingerprint") == fp:
@@ -369,3 +358,17 @@ def prepare(data_dir, out=None, image_size: int = TrainConfig.image_size, val_fr
         })
     log.info("prepared %d images (%d skipped) into %s in %.1f s", len(features), len(skipped), out, seconds)
     return open_prepared(out)
+
+
+def prepared_for(config, outputs=None) -> Prepared:
+    """The prepared cache a TrainConfig trains on: its data_dir itself if that is one, else
+    prepare (or reuse) it under outputs."""
+    data_dir = Path(config.data_dir).expanduser()
+    if (data_dir / "manifest.json").is_file():
+        prepared = open_prepared(data_dir)
+        if prepared.image_size != config.image_size:
+            raise DataError(f"{data_dir}: prepared at {prepared.image_size} px, but image_size is "
+                            f"{config.image_size}; point data_dir at the RSNA directory to prepare it again")
+        return prepared
+    return prepare(data_dir, image_size=config.image_size, val_fraction=config.val_fraction, seed=config.seed,
+                   outputs=outputs)

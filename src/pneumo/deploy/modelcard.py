@@ -38,9 +38,9 @@ def validation_predictions(predictor, outputs=None, batch_size: int = 32) -> dic
     another PneumoError) when the prepared data cannot be opened.
     """
     from pneumo.data.datamodule import RsnaDataModule
-    from pneumo.training.fit import load_prepared
+    from pneumo.data.prepare import prepared_for
 
-    prepared = load_prepared(predictor.config, outputs=outputs)
+    prepared = prepared_for(predictor.config, outputs=outputs)
     dm = RsnaDataModule(prepared, predictor.config)
     images, features = prepared.images(), dm.features
     fields = ["patientId", "PatientSex", "PatientAge", "ViewPosition"]

@@ -2,7 +2,7 @@
 
 Inputs: `image` (batch, 1, S, S) float32 grey levels in [0, 1] at the model's image size S, and,
 for a classifier with metadata, `metadata` (batch, 3): [view is AP, sex is M, age / 100], unknown
-values 0.5 (pneumo.models.unet.metadata_vector). Outputs: `mask` (batch, 1, S, S) opacity logits, then
+values 0.5 (pneumo.data.metadata). Outputs (the heads' declared names, pneumo.models.heads): `mask` (batch, 1, S, S) opacity logits, then
 `classes` (batch, 3) class logits with a classifier, then `centre` (batch, 5, S/4, S/4) with the
 centre head. The batch axis is dynamic. The model's post-processing (pneumo.models.postprocess) and image
 size are stored in the file's metadata (`pneumo.postprocess`, `pneumo.image_size`).
@@ -22,14 +22,8 @@ ONNX_FILE = "model.onnx"
 OPSET = 18
 
 
-def _names(config) -> tuple[list[str], list[str]]:
-    inputs = ["image"] + (["metadata"] if config.classifier and config.metadata else [])
-    outputs = ["mask"] + (["classes"] if config.classifier else []) + (["centre"] if config.head == "centre" else [])
-    return inputs, outputs
-
-
 def _tuple_module(net):
-    """The UNet with plain tuple outputs (ONNX has no NetOutput), Nones left out."""
+    """The network with plain tuple outputs in its declared order (ONNX has no dict outputs)."""
     import torch
 
     class TupleOutputs(torch.nn.Module):
@@ -38,7 +32,8 @@ def _tuple_module(net):
             self.net = net
 
         def forward(self, image, metadata=None):
-            return tuple(t for t in self.net(image, metadata) if t is not None)
+            outputs = self.net(image, metadata)
+            return tuple(outputs[name] for name in self.net.output_names)
 
     return TupleOutputs().eval()
 
@@ -49,7 +44,7 @@ def export_onnx(predictor, path) -> Path:
     import torch
 
     config, path = predictor.config, Path(path)
-    inputs, outputs = _names(config)
+    inputs, outputs = predictor.heads.input_names, predictor.heads.output_names
     size = config.image_size
     example = (torch.zeros(2, 1, size, size),) + ((torch.full((2, 3), 0.5),) if len(inputs) == 2 else ())
     module = _tuple_module(predictor.net).to("cpu")
@@ -71,7 +66,7 @@ def export_onnx(predictor, path) -> Path:
 
 
 class OnnxNet:
-    """An onnxruntime session that answers like the UNet: (images, metadata) -> NetOutput.
+    """An onnxruntime session that answers like the network: (images, metadata) -> named outputs.
 
     `dataclasses.replace(predictor, net=OnnxNet(path))` predicts through the ONNX file with the
     same pre- and post-processing as the checkpoint, which is how the tests compare the two.
@@ -90,11 +85,8 @@ class OnnxNet:
     def __call__(self, images, metadata=None):
         import torch
 
-        from pneumo.models.unet import NetOutput
-
         feed = {"image": images.detach().cpu().numpy().astype(np.float32)}
         if "metadata" in self.inputs:
             feed["metadata"] = metadata.detach().cpu().numpy().astype(np.float32)
         result = dict(zip(self.outputs, self.session.run(self.outputs, feed)))
-        tensors = {k: torch.from_numpy(v).to(images.device) for k, v in result.items()}
-        return NetOutput(tensors["mask"], tensors.get("classes"), tensors.get("centre"))
+        return {k: torch.from_numpy(v).to(images.device) for k, v in result.items()}

@@ -20,15 +20,22 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pneumo.boxes import box_records, format_prediction_string
+from pneumo.config import TrainConfig
 from pneumo.data.layout import decode_file, dicom_files
 from pneumo.deploy.registry import resolve_model
 from pneumo.errors import ConfigError, DataError, ModelError
 from pneumo.io import atomic_save_image, atomic_write_json, atomic_write_text
 from pneumo.models.postprocess import PostProcess, apply
+
+if TYPE_CHECKING:
+    import torch
+
+    from pneumo.models.net import Net
 
 log = logging.getLogger(__name__)
 SUBGROUP_FIELDS = ("PatientSex", "PatientAge", "ViewPosition")  # kept per image for score.json's subgroups
@@ -38,11 +45,18 @@ SUBGROUP_FIELDS = ("PatientSex", "PatientAge", "ViewPosition")  # kept per image
 class Predictor:
     """A trained network with the post-processing chosen for it: images in, boxes out."""
 
-    net: torch.nn.Module  # noqa: F821
-    config: TrainConfig  # noqa: F821
+    net: Net  # what runs: the network, or anything answering like it (pneumo.deploy.onnx.OnnxNet)
+    config: TrainConfig
     settings: PostProcess
     name: str
-    device: torch.device  # noqa: F821
+    device: torch.device
+    # the torch network whose heads decode the outputs: net itself, kept when net is replaced
+    # (dataclasses.replace(predictor, net=OnnxNet(path)))
+    heads: Net | None = None
+
+    def __post_init__(self):
+        if self.heads is None:
+            self.heads = self.net
 
     @property
     def image_size(self) -> int:
@@ -58,33 +72,29 @@ class Predictor:
         opacity probabilities (None without a classifier)."""
         import torch
 
-        from pneumo.models.heads.centre import image_outputs
-        from pneumo.models.unet import NetOutput, metadata_vector, opacity_probability
+        from pneumo.data.metadata import metadata_of
 
         x = torch.from_numpy(batch).to(self.device)[:, None].float() / 255.0
         meta = None
-        if self.config.classifier and self.config.metadata:
-            rows = [metadata_vector(m.get("ViewPosition"), m.get("PatientSex"), m.get("PatientAge"))
-                    for m in (metas or [{}] * len(batch))]
+        if self.heads.reads_metadata:
+            rows = [metadata_of(m) for m in (metas or [{}] * len(batch))]
             meta = torch.tensor(rows, dtype=torch.float32, device=self.device)
         with torch.inference_mode():
             out = self.net(x, meta)
             if tta:  # horizontal flip: predict on the mirror image and mirror back, then average
                 flipped = self.net(x.flip(-1), meta)
-                out = NetOutput(_mirror_mean(out.mask, flipped.mask),
-                                None if out.classes is None else (out.classes + flipped.classes) / 2,
-                                _mirror_mean(out.centre, flipped.centre))
-        opacity = None if out.classes is None else opacity_probability(out.classes).cpu().numpy()
-        return image_outputs(out), opacity
+                out = {name: _mirror_mean(value, flipped[name]) for name, value in out.items()}
+        opacity = self.heads.opacity(out)
+        return self.heads.decode(out), None if opacity is None else opacity.cpu().numpy()
 
     def boxes(self, output, rows: int, columns: int, opacity: float | None = None):
         """Boxes (x, y, w, h) in the image's own frame and their confidences."""
         return apply(output, self.settings, rows, columns, opacity)
 
 
-def _mirror_mean(maps, mirrored_maps):
-    """The mean of maps and the maps of the mirror image, mirrored back (None stays None)."""
-    return None if maps is None else (maps + mirrored_maps.flip(-1)) / 2
+def _mirror_mean(output, mirrored_output):
+    """The mean of an output and the mirror image's, mirrored back where it is a map (4-d)."""
+    return (output + (mirrored_output.flip(-1) if output.dim() == 4 else mirrored_output)) / 2
 
 
 def load_predictor(model, threshold: float | None = None, min_box_area: float | None = None,
@@ -95,8 +105,7 @@ def load_predictor(model, threshold: float | None = None, min_box_area: float | 
     """
     import torch
 
-    from pneumo.config import TrainConfig
-    from pneumo.models.unet import UNet
+    from pneumo.models.net import build_net, load_weights
 
     if threshold is not None and not 0 < threshold < 1:
         raise ConfigError(f"threshold {threshold:g}: must be a probability between 0 and 1")
@@ -107,9 +116,8 @@ def load_predictor(model, threshold: float | None = None, min_box_area: float | 
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         config = TrainConfig.from_dict(ckpt["hyper_parameters"]["config"])
         state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-        net = UNet(config.width, config.depth, classifier=config.classifier, metadata=config.metadata,
-                   centre=config.head == "centre")
-        net.load_state_dict(state)
+        net = build_net(config)
+        load_weights(net, state)
     except Exception as exc:  # torch raises many types for files that are not pneumo checkpoints
         detail = " ".join(str(exc).split())  # torch lists every mismatched tensor on its own line
         raise ModelError(f"{ckpt_path}: not a pneumo checkpoint, or weights that do not fit its config "
@@ -296,8 +304,9 @@ def _assemble(files, part_path, out: Path, predictor: Predictor, gt, n_new: int,
                "images_per_second": round(n_new / seconds, 1) if seconds > 0 and n_new else None,
                "out": str(out), "model": predictor.name}
     if gt is not None:
+        from pneumo.data.submission import read_submission
         from pneumo.deploy.subgroups import subgroup_scores
-        from pneumo.metrics import mean_average_precision, read_submission
+        from pneumo.metrics import mean_average_precision
 
         preds = read_submission(out / "submission.csv")
         scored = {pid: boxes for pid, boxes in gt.items() if pid in preds}

@@ -1,7 +1,9 @@
-"""The LightningModule: the network, its loss, the official metric on validation, optimizers.
+"""The LightningModule: the network's loss, the official metric on validation, optimizers.
 
-Side effects (status files, thread shares, annotated images, the epoch record) are callbacks
-in pneumo.training.callbacks; the post-processing search is the pure pneumo.models.postprocess.search.
+It is handed batches the data layer made (normalised and augmented there) and a network built
+by pneumo.models.net; side effects (status files, thread shares, annotated images, the epoch
+record) are callbacks in pneumo.training.callbacks; the choice of post-processing settings is
+pneumo.models.scoring.
 """
 
 from __future__ import annotations
@@ -12,40 +14,14 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pneumo.config import TrainConfig
-from pneumo.data.datamodule import augment
 from pneumo.errors import TrainingDiverged
 from pneumo.metrics import Score
-from pneumo.models.heads.centre import centre_loss, image_outputs
+from pneumo.models.net import Net, build_net
 from pneumo.models.postprocess import PostProcess
 from pneumo.models.scoring import SearchScores
-from pneumo.models.unet import NetOutput, UNet, opacity_probability
-
-
-def build_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float):
-    """Optimizers by name, each with the settings that suit it."""
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamax":
-        return torch.optim.Adamax(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr, weight_decay=weight_decay)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name}")
-
-
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    prob = torch.sigmoid(logits)
-    inter = (prob * target).sum(dim=(1, 2, 3))
-    denom = prob.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3))
-    return (1 - (2 * inter + 1) / (denom + 1)).mean()
+from pneumo.optimizers import SCHEDULERS, build_optimizer
 
 
 def rank_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
@@ -89,10 +65,9 @@ class _Validation:
         self.kept = {True: 0, False: 0}
         self.loss_sum, self.n, self.scoring_s = 0.0, 0, 0.0
 
-    def add(self, rows, outputs, opacity, loss: float, gt_boxes: dict, frames: dict) -> None:
-        truth = [gt_boxes[int(r)] for r in rows]
+    def add(self, rows, outputs, opacity, loss: float, truth: list, frames: list) -> None:
         start = time.perf_counter()
-        self.scores.add(outputs, [frames[int(r)] for r in rows], truth, opacity)
+        self.scores.add(outputs, frames, truth, opacity)
         self.scoring_s += time.perf_counter() - start
         self.loss_sum, self.n = self.loss_sum + loss * len(rows), self.n + len(rows)
         positive = [len(t) > 0 for t in truth]
@@ -109,46 +84,26 @@ class _Validation:
 
 
 class OpacityModule(L.LightningModule):
-    """UNet opacity maps (and an image-level opacity classifier); official mAP on validation."""
+    """Any network of pneumo.models.net (its heads' losses summed); official mAP on validation."""
 
-    def __init__(self, config: dict, data_fingerprint: str = ""):
+    def __init__(self, config: dict, data_fingerprint: str = "", net: Net | None = None):
         super().__init__()
-        # logger=False: hyperparameters go to TensorBoard once, with hp/val_map, from fit()
-        self.save_hyperparameters(logger=False)
+        # logger=False: hyperparameters go to TensorBoard once, with hp/val_map, from fit();
+        # the net is rebuilt from the config, so a checkpoint holds no pickled module
+        self.save_hyperparameters(ignore=["net"], logger=False)
         self.config = TrainConfig.from_dict(config)
         c = self.config
-        self.net = UNet(c.width, c.depth, classifier=c.classifier, metadata=c.metadata, centre=c.head == "centre")
+        self.net = net if net is not None else build_net(c)
         self.postprocess = PostProcess(threshold=c.threshold, min_box_area=c.min_box_area)
         self.best_map = -1.0
         self.validation: ValidationResult | None = None
         self._validation: _Validation | None = None
 
-    def forward(self, images: torch.Tensor, metadata: torch.Tensor | None = None) -> NetOutput:
+    def forward(self, images: torch.Tensor, metadata: torch.Tensor | None = None) -> dict:
         return self.net(images, metadata)
 
-    def on_after_batch_transfer(self, batch, dataloader_idx):
-        batch = dict(batch, images=batch["images"].float() / 255.0, masks=batch["masks"].float())
-        if self.training and self.config.augment and self.trainer is not None and self.trainer.training:
-            # seeded by step, not by the global RNG, so a resumed run augments as the original did
-            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.global_step)
-            batch["images"], batch["masks"] = augment(batch["images"], batch["masks"], generator)
-        return batch
-
-    def _loss(self, out: NetOutput, batch) -> torch.Tensor:
-        # masks has one channel per box for the centre head: the map learns their union
-        logits, masks = out.mask, batch["masks"].amax(dim=1, keepdim=True)
-        loss = F.binary_cross_entropy_with_logits(logits, masks)
-        if self.config.loss != "bce":
-            dice = soft_dice_loss(logits, masks)
-            loss = dice if self.config.loss == "dice" else loss + dice
-        if out.classes is not None and self.config.class_weight:
-            loss = loss + self.config.class_weight * F.cross_entropy(out.classes.float(), batch["classes"])
-        if out.centre is not None:
-            loss = loss + centre_loss(out.centre, batch["masks"])
-        return loss
-
     def training_step(self, batch, batch_idx):
-        loss = self._loss(self(batch["images"], batch["metadata"]), batch)
+        loss = self.net.loss(self(batch["images"], batch["metadata"]), batch)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"training diverged at epoch {self.current_epoch} (loss {loss.item()}); "
                                    f"lower lr (now {self.config.learning_rate:g} for {self.config.optimizer})")
@@ -165,13 +120,14 @@ class OpacityModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         out = self(batch["images"], batch["metadata"])
-        loss = self._loss(out, batch).item()
-        opacity = opacity_probability(out.classes).cpu().numpy() if out.classes is not None else None
+        loss = self.net.loss(out, batch).item()
+        opacity = self.net.opacity(out)
+        opacity = None if opacity is None else opacity.cpu().numpy()
         # scored now and dropped: nothing the size of the validation split is held (pneumo.models.scoring);
         # float16 maps as before, so the search chooses as it did
-        dm = self.trainer.datamodule
-        self._validation.add(batch["rows"].cpu().numpy(), image_outputs(out, np.float16), opacity, loss,
-                             dm.gt_boxes, dm.frame)
+        frames = [tuple(int(v) for v in frame) for frame in batch["frames"].cpu()]
+        self._validation.add(batch["rows"].cpu().numpy(), self.net.decode(out, np.float16), opacity, loss,
+                             batch["gt_boxes"], frames)
 
     def on_validation_epoch_end(self):
         v, self._validation = self._validation, None
@@ -203,14 +159,12 @@ class OpacityModule(L.LightningModule):
 
     def configure_optimizers(self):
         c = self.config
-        optimizer = build_optimizer(c.optimizer, self.parameters(), c.learning_rate, c.weight_decay, c.momentum)
-        if c.scheduler == "none":
+        optimizer = build_optimizer(c.optimizer, self.parameters(), c.learning_rate,
+                                    weight_decay=c.weight_decay, momentum=c.momentum)
+        make_scheduler = SCHEDULERS[c.scheduler]
+        if make_scheduler is None:
             return optimizer
-        steps = max(1, self.trainer.estimated_stepping_batches)
-        if c.scheduler == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=c.learning_rate * 0.01)
-        else:
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=c.learning_rate, total_steps=steps)
+        scheduler = make_scheduler(optimizer, max(1, self.trainer.estimated_stepping_batches), c.learning_rate)
         # one optimizer and one scheduler for the whole run: their state (Adam's moments, the
         # schedule's position) carries across epochs and into resumed runs via the checkpoint
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -21,6 +21,7 @@ from pneumo.config import EXECUTION_FIELDS, TrainConfig, read_params_file
 from pneumo.deploy.registry import export_model
 from pneumo.errors import ConfigError, PneumoError, SweepError
 from pneumo.io import atomic_write_text
+from pneumo.paths import Outputs
 from pneumo.sweeps.executors import make_executor
 from pneumo.training.rundir import RunDir
 
@@ -96,6 +97,8 @@ def load_sweep(path, data_dir=None) -> Sweep:
     base = dict(spec.get("base") or {})
     if data_dir:
         base["data_dir"] = data_dir
+    from pneumo.models.net import check_config
+
     entries = list(spec.get("runs") or [])
     grid = spec.get("grid") or {}
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -119,8 +122,8 @@ def load_sweep(path, data_dir=None) -> Sweep:
         if missing:
             raise SweepError(f"{path}: run {run}: parameter(s) {', '.join(missing)} not in the parameters cell "
                              f"of {notebook.name}; valid: {', '.join(sorted(allowed - NOTEBOOK_ONLY_PARAMETERS))}")
-        try:
-            TrainConfig.from_dict(params, source=f"run {run}")
+        try:  # the config's own checks, then its parts' (unknown encoder, a head the encoder cannot feed)
+            check_config(TrainConfig.from_dict(params, source=f"run {run}"))
         except ConfigError as exc:
             raise SweepError(f"{path}: {exc}") from None
         if "data_dir" in params:  # runs execute in their own run directory: make the path absolute
@@ -207,7 +210,7 @@ def _markdown_table(df) -> str:
 # ---------------------------------------------------------------- orchestration
 
 
-def sweep(params_file, out="outputs", data_dir=None, max_parallel: int | None = None, resume: bool = False,
+def sweep(params_file, out=None, data_dir=None, max_parallel: int | None = None, resume: bool = False,
           marathon: bool = False, cluster: str | None = None, cluster_file=None, storage: str | None = None) -> dict:
     """Run a sweep (and optionally its marathon); returns where everything is and which runs failed.
 
@@ -216,9 +219,11 @@ def sweep(params_file, out="outputs", data_dir=None, max_parallel: int | None = 
     (SQLAlchemy URL; default SQLite <out>/sweeps/<name>/study.db).
     """
     spec = load_sweep(params_file, data_dir=data_dir)
-    out = Path(out).resolve()  # runs execute with their run directory as working directory
-    runs_root = out / "runs" / spec.name
-    sweeps_root = out / "sweeps"
+    # resolved: runs execute with their run directory as working directory
+    layout = Outputs.at(Path(out).resolve() if out else Outputs.at().root.resolve())
+    out = layout.root
+    runs_root = layout.runs(spec.name)
+    sweeps_root = layout.sweeps
     started = [r for r in spec.runs if r.dir(runs_root).path.exists()]
     if started and not resume:
         raise SweepError(f"{runs_root}: this sweep has runs already ({len(started)}); "
@@ -259,7 +264,7 @@ def _run_search(spec: Sweep, executor, out: Path, storage: str | None, resume: b
     """Trials of the study as slots free up (pneumo.sweeps.study); spec.runs becomes the study's runs."""
     from pneumo.sweeps import study as search
 
-    url = storage or search.default_storage(out / "sweeps", spec.name)
+    url = storage or search.default_storage(Outputs(out).sweeps, spec.name)
     study, store = search.open_study(spec.name, spec.search, url, resume)
     source = search.TrialSource(study, store, spec.search, spec.base, url, Run)
     print(f"search {spec.name}: {spec.search.trials} trials ({source.started()} started), sampler "
@@ -267,7 +272,7 @@ def _run_search(spec: Sweep, executor, out: Path, storage: str | None, resume: b
           f"{executor.describe()}", flush=True)
     _prepare_once(spec, [Run("base", params) for params in search.data_variants(spec.search, spec.base)], out)
     try:
-        executor.stream(spec.notebook, source, out / "runs" / spec.name)
+        executor.stream(spec.notebook, source, Outputs(out).runs(spec.name))
     finally:
         source.close()
     spec.runs = search.study_runs(study, spec.base, Run)
@@ -275,7 +280,7 @@ def _run_search(spec: Sweep, executor, out: Path, storage: str | None, resume: b
 
 def _prepare_once(spec: Sweep, runs: list[Run], out: Path) -> None:
     """Prepare each distinct data cache before the runs start, so parallel runs never race to build it."""
-    from pneumo.training.fit import load_prepared
+    from pneumo.data.prepare import prepared_for
 
     seen = set()
     for run in runs:
@@ -284,7 +289,7 @@ def _prepare_once(spec: Sweep, runs: list[Run], out: Path) -> None:
         if key not in seen:
             seen.add(key)
             try:
-                load_prepared(config, outputs=out)
+                prepared_for(config, outputs=out)
             except PneumoError as exc:  # that run fails with this error; the others go on
                 log.warning("run %s: %s", run.name, exc)
 
@@ -310,7 +315,7 @@ def run_marathon(spec: Sweep, rows: list[dict], out: Path, executor) -> dict:
     if best is None:
         raise SweepError(f"sweep {spec.name}: no finished run to train longer")
     params = {**next(r.params for r in spec.runs if r.name == best["run"]), **spec.marathon}
-    runs_root = out / "runs" / spec.name
+    runs_root = Outputs(out).runs(spec.name)
     marathon = _marathon_run(runs_root, params)
     run_dir = marathon.dir(runs_root)
     if not run_dir.finished():
@@ -326,7 +331,7 @@ def run_marathon(spec: Sweep, rows: list[dict], out: Path, executor) -> dict:
         write_extras,
     )
 
-    model_dir = export_model(run_dir, out / "models", spec.name, spec.name, extras=partial(write_extras, outputs=out))
+    model_dir = export_model(run_dir, Outputs(out).models, spec.name, spec.name, extras=partial(write_extras, outputs=out))
     complete_version(model_dir, outputs=out)  # a version exported before model.md and model.onnx existed
     return {"marathon_run": str(run_dir.path), "model": str(model_dir),
             "marathon_val_map": run_dir.metrics().get("best_val_map")}

@@ -1,6 +1,6 @@
 """What a training run does besides learning, as Lightning callbacks: the epoch record and
-status file, a search trial's reports to its study, the CPU thread share a sweep hands over,
-annotated validation images."""
+status file, the CPU thread share a sweep hands over, annotated validation images. (A search
+trial's reports to its study are the sweeps layer's: pneumo.sweeps.trial.)"""
 
 from __future__ import annotations
 
@@ -60,41 +60,6 @@ class RunRecorder(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
-
-
-class TrialReport(L.Callback):
-    """A search trial (pneumo.sweeps.study): each epoch's val/map goes to the Optuna study, and when
-    its pruner says so the run stops at this epoch's end, keeping its checkpoints and logs.
-
-    Listed after the RunRecorder, whose epoch record it reports.
-    """
-
-    def __init__(self, trial, recorder: RunRecorder):
-        self.trial, self.recorder = trial, recorder
-        self.pruned_at: int | None = None
-
-    def on_train_start(self, trainer, pl_module):
-        # A trial run again after its sweep was killed resumes from a checkpoint: the epochs it
-        # holds are reported to the new trial (Optuna ignores, with a warning, steps it has).
-        import warnings
-
-        if trainer.current_epoch:  # restored from a checkpoint: say so where the study shows it
-            self.trial.set_user_attr("resumed_at_epoch", trainer.current_epoch)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for record in self.recorder.history:
-                self.trial.report(record["val_map"], record["epoch"])
-
-    def on_validation_end(self, trainer, pl_module):
-        history = self.recorder.history
-        if trainer.sanity_checking or not history or history[-1]["epoch"] != trainer.current_epoch + 1:
-            return
-        self.trial.report(history[-1]["val_map"], history[-1]["epoch"])
-        # pruning after the last epoch saves nothing and would hide a finished trial from the sampler
-        last_epoch = trainer.max_epochs is not None and history[-1]["epoch"] >= trainer.max_epochs
-        if not last_epoch and self.trial.should_prune():
-            self.pruned_at = history[-1]["epoch"]
-            trainer.should_stop = True  # Lightning ends the run after this epoch, checkpoints saved
 
 
 class ThreadShare(L.Callback):

@@ -1,5 +1,7 @@
-"""fit(TrainConfig, run_dir): one training run. The notebook, `pneumo train` and every sweep
-run call this function; nothing about training lives anywhere else."""
+"""fit(TrainConfig, run_dir, callbacks): one training run. The notebook, `pneumo train` and every
+sweep run call this function; nothing about training lives anywhere else. It wires the parts it
+is handed or builds from the config (data, network, module, callbacks) and knows nothing of who
+called it: a search trial's process hands in its reporting callback."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import time
 from pathlib import Path
 
 from pneumo.config import EXECUTION_FIELDS, TrainConfig
-from pneumo.errors import ConfigError, DataError, RunError
+from pneumo.errors import ConfigError, RunError
+from pneumo.paths import Outputs
 from pneumo.training.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -17,25 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def default_run_dir(config: TrainConfig) -> Path:
-    from pneumo.data.prepare import outputs_root
-
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return outputs_root() / "runs" / "train" / f"{stamp}-{config.optimizer}-lr{config.learning_rate:g}"
-
-
-def load_prepared(config: TrainConfig, outputs=None):
-    """The prepared cache for config: data_dir itself if it is one, else prepare (or reuse) it."""
-    from pneumo.data.prepare import open_prepared, prepare
-
-    data_dir = Path(config.data_dir).expanduser()
-    if (data_dir / "manifest.json").is_file():
-        prepared = open_prepared(data_dir)
-        if prepared.image_size != config.image_size:
-            raise DataError(f"{data_dir}: prepared at {prepared.image_size} px, but image_size is "
-                            f"{config.image_size}; point data_dir at the RSNA directory to prepare it again")
-        return prepared
-    return prepare(data_dir, image_size=config.image_size, val_fraction=config.val_fraction, seed=config.seed,
-                   outputs=outputs)
+    return Outputs.at().train_run(f"{config.optimizer}-lr{config.learning_rate:g}")
 
 
 def _check_run_dir(run_dir: RunDir, config: TrainConfig) -> Path | None:
@@ -80,18 +65,24 @@ def _precision(config: TrainConfig, accelerator: str) -> str:
     return "32-true"
 
 
-def fit(config: TrainConfig, run_dir=None) -> dict:
-    """Train one run into run_dir (resuming from its last checkpoint) and return its metrics."""
+def fit(config: TrainConfig, run_dir=None, callbacks=()) -> dict:
+    """Train one run into run_dir (resuming from its last checkpoint) and return its metrics.
+
+    callbacks: Lightning callbacks added to the run's own. One that ends the run early says how
+    in an `ended_early` attribute ({"status": ..., ...}, merged into metrics.json), None otherwise.
+    """
     import lightning as L
     import torch
 
     from pneumo.data.datamodule import RsnaDataModule
+    from pneumo.data.prepare import prepared_for
     from pneumo.models.module import OpacityModule
-    from pneumo.sweeps.study import trial_from_environment
-    from pneumo.training.callbacks import RunRecorder, ThreadShare, TrialReport, ValidationImages
+    from pneumo.models.net import check_config
+    from pneumo.training.callbacks import RunRecorder, ThreadShare, ValidationImages
 
     if not isinstance(config, TrainConfig):
         raise ConfigError("fit() takes a TrainConfig")
+    check_config(config)
     run_dir = RunDir(run_dir or default_run_dir(config))
     resume_from = _check_run_dir(run_dir, config)
     run_dir.path.mkdir(parents=True, exist_ok=True)
@@ -103,16 +94,14 @@ def fit(config: TrainConfig, run_dir=None) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
-    prepared = load_prepared(config)
-    datamodule = RsnaDataModule(prepared, config)
+    prepared = prepared_for(config)
     module = OpacityModule(config.to_dict(), prepared.manifest["fingerprint"])
+    datamodule = RsnaDataModule(prepared, config, box_targets=module.net.box_targets)
     recorder = RunRecorder(run_dir, config.epochs)
-    callbacks = [recorder, ThreadShare(run_dir), ValidationImages(config.n_val_images, run_dir, config.save_images)]
-    trial = trial_from_environment()  # a search trial's process: report epochs, stop when pruned
-    report = TrialReport(trial, recorder) if trial is not None else None
-    callbacks += [report] if report else []
+    extra = list(callbacks)
+    own = [recorder, ThreadShare(run_dir), ValidationImages(config.n_val_images, run_dir, config.save_images)]
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    trainer, checkpoint = _trainer(config, run_dir, callbacks, accelerator, fresh=resume_from is None)
+    trainer, checkpoint = _trainer(config, run_dir, own + extra, accelerator, fresh=resume_from is None)
     if resume_from is not None:
         log.info("resuming %s from %s", run_dir.path, resume_from)
     try:
@@ -127,8 +116,9 @@ def fit(config: TrainConfig, run_dir=None) -> dict:
     best = _load_state(Path(checkpoint.best_model_path or run_dir.best_checkpoint))
     metrics = _final_metrics(config, recorder.history, best, trainer.current_epoch, datamodule, prepared)
     metrics.update(wall_time_s=round(time.perf_counter() - start, 1), accelerator=accelerator)
-    if report is not None and report.pruned_at is not None:
-        metrics.update(status="pruned", pruned_at_epoch=report.pruned_at, stopped_early="pruned by the search")
+    for callback in extra:
+        if getattr(callback, "ended_early", None):
+            metrics.update(callback.ended_early)
     run_dir.write_metrics(metrics)
     run_dir.write_status("done" if metrics["status"] == "finished" else "pruned", epoch=metrics["epochs_done"],
                          epochs=config.epochs, best_val_map=metrics["best_val_map"])

@@ -1,14 +1,56 @@
-"""The centre head (CenterNet style): targets and loss, computed on the training device from
-per-box masks after augmentation so flips, rotation and zoom move centres and sizes exactly; and
-every head's per-image outputs for post-processing (training and predict share them)."""
+"""The centre head (CenterNet style): box centres as heat-map peaks and each box's size, read
+from the decoder at 1/4 of the input side, trained beside the mask head's map. Its targets and
+loss are computed on the training device from per-box masks after augmentation, so flips,
+rotation and zoom move centres and sizes exactly."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
+from pneumo.models.heads.base import HEADS, FeatureInfo, Features, Head
 from pneumo.models.postprocess import decode_centres
-from pneumo.models.unet import CENTRE_STRIDE, NetOutput
+
+CENTRE_STRIDE = 4  # the decoder level it reads, as CenterNet does
+
+
+@HEADS.register
+class CentreHead(Head):
+    name = "centre"
+    # (B, 5, H/4, W/4): heat logits, log width, log height, centre offset x, y in the cell
+    outputs = ("centre",)
+    companions = ("mask",)
+    box_targets = "per_box"
+    decodes_boxes = True
+
+    def __init__(self, config, features: FeatureInfo):
+        super().__init__()
+        c = features.channels[CENTRE_STRIDE]
+        self.layers = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(c, 5, 1))
+        # start at heat 0.1 (CenterNet's prior) and boxes a quarter of the side, not at zero
+        with torch.no_grad():
+            self.layers[-1].bias.copy_(torch.tensor([-2.19, -1.4, -1.4, 0.5, 0.5]))
+
+    @classmethod
+    def check(cls, config, strides: list[int]) -> list[str]:
+        if CENTRE_STRIDE not in strides:
+            return [f"head centre reads the decoder at 1/{CENTRE_STRIDE} size, which this encoder does not "
+                    f"have (decoded strides {strides}; the unet encoder needs depth >= 3)"]
+        return []
+
+    def forward(self, features: Features) -> dict:
+        return {"centre": self.layers(features.decoded[CENTRE_STRIDE])}
+
+    def loss(self, outputs: dict, batch: dict) -> torch.Tensor:
+        return centre_loss(outputs["centre"], batch["masks"])
+
+    def decode(self, outputs: dict, map_dtype=np.float32) -> list:
+        centre = outputs["centre"].detach()
+        heat = torch.sigmoid(centre[:, 0].float()).cpu().numpy()
+        rest = centre[:, 1:].float().cpu().numpy()
+        side = centre.shape[-1] * CENTRE_STRIDE
+        return [decode_centres(h, r[:2], side, offsets=r[2:]) for h, r in zip(heat, rest)]
 
 
 def box_extents(box_masks: torch.Tensor):
@@ -69,14 +111,3 @@ def centre_loss(prediction: torch.Tensor, box_masks: torch.Tensor) -> torch.Tens
     size = (torch.abs(prediction[:, 1:3].float() - log_size) * weight).sum() / weight.sum().clamp(min=1e-6)
     offset = (torch.abs(prediction[:, 3:5].float() - offsets) * pos).sum() / pos.sum().clamp(min=1)
     return focal + size + offset
-
-
-def image_outputs(out: NetOutput, map_dtype=np.float32) -> list:
-    """Per image, what post-processing reads: the opacity map (of map_dtype), or the centre head's
-    decoded Candidates."""
-    if out.centre is None:
-        return list(torch.sigmoid(out.mask.float())[:, 0].cpu().numpy().astype(map_dtype, copy=False))
-    heat = torch.sigmoid(out.centre[:, 0].float()).cpu().numpy()
-    rest = out.centre[:, 1:].float().cpu().numpy()
-    side = out.mask.shape[-1]
-    return [decode_centres(h, r[:2], side, offsets=r[2:]) for h, r in zip(heat, rest)]

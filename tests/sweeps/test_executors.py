@@ -15,7 +15,7 @@ from pneumo.sweeps.executors import LocalExecutor
 from pneumo.sweeps.slots import Slot, slots
 from pneumo.training.rundir import RunDir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = str(ROOT / "notebooks" / "02-train.ipynb")
 TINY = {"image_size": 64, "depth": 3, "width": 4, "batch_size": 8, "n_val_images": 2}
 

@@ -17,7 +17,7 @@ from pneumo.sweeps.study import make_sampler, parse_search
 from pneumo.sweeps.sweep import load_sweep
 from pneumo.training.rundir import RunDir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = str(ROOT / "notebooks" / "02-train.ipynb")
 TINY = {"image_size": 64, "depth": 3, "width": 4, "batch_size": 8, "n_val_images": 0, "save_images": False}
 ALLOWED = {"lr", "optimizer", "width", "epochs", "threshold", "augment", "run_dir"}

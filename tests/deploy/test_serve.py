@@ -161,7 +161,6 @@ def test_predict_as_dicom_sr(server, synth_dir, tmp_path):
     import io
 
     import pydicom
-
     from test_sr import read_report
 
     dcm = sorted((synth_dir / "stage_2_test_images").glob("*.dcm"))[1]

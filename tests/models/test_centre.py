@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pneumo.boxes import boxes_to_mask
-from pneumo.data.datamodule import augment
+from pneumo.data.augment import augment
 from pneumo.models.heads.centre import box_extents, centre_loss, centre_targets
 from pneumo.models.postprocess import Candidates, PostProcess, apply, candidates, decode_centres
 

@@ -46,8 +46,8 @@ def test_breakdown_matches_the_metric_on_each_subset():
 @pytest.mark.slow
 def test_predict_labels_writes_the_breakdown(tiny_run, synth_dir, tmp_path):
     from pneumo.data.layout import read_labels
+    from pneumo.data.submission import read_submission
     from pneumo.deploy.predict import predict_folder
-    from pneumo.metrics import read_submission
 
     images = synth_dir / "stage_2_test_images"
     labels = synth_dir / "stage_2_test_labels.csv"

@@ -1,15 +1,7 @@
 import numpy as np
 import pytest
-import torch
 
-from pneumo.models.module import build_optimizer, rank_auc
-
-
-@pytest.mark.parametrize("name", ["adam", "adamw", "adamax", "sgd", "adagrad", "rmsprop"])
-def test_every_optimizer_builds(name):
-    params = [torch.nn.Parameter(torch.zeros(2))]
-    opt = build_optimizer(name, params, 0.01, 1e-4, 0.9)
-    assert opt.param_groups[0]["lr"] == 0.01
+from pneumo.models.module import rank_auc
 
 
 def test_rank_auc_against_counting_pairs():

@@ -8,7 +8,7 @@ import yaml
 from pneumo.errors import ClusterError
 from pneumo.sweeps.cluster import dask_client, gpu_settings, jobqueue_cluster
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = {"scheduler_options": {"host": "127.0.0.1"}}  # tests never listen beyond this machine
 
 

@@ -14,7 +14,7 @@ from pneumo.errors import SweepError
 from pneumo.sweeps.sweep import load_sweep, run_name, summarize
 from pneumo.training.rundir import RunDir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = str(ROOT / "notebooks" / "02-train.ipynb")
 TINY = {"epochs": 2, "image_size": 64, "depth": 3, "width": 4, "batch_size": 8, "n_val_images": 2}
 

@@ -10,8 +10,8 @@ from pneumo.config import TrainConfig
 from pneumo.data.layout import decode_file
 from pneumo.deploy.onnx import OnnxNet, export_onnx
 from pneumo.deploy.predict import Predictor, load_predictor
+from pneumo.models.net import build_net
 from pneumo.models.postprocess import PostProcess
-from pneumo.models.unet import UNet
 
 
 def _decoded(synth_dir, size):
@@ -41,7 +41,7 @@ def _same_boxes(predictor, path, synth_dir):
 def test_untrained_networks_of_each_kind(synth_dir, tmp_path, head, classifier, metadata):
     torch.manual_seed(0)
     config = TrainConfig(image_size=64, depth=3, width=4, head=head, classifier=classifier, metadata=metadata)
-    net = UNet(4, 3, classifier=classifier, metadata=metadata, centre=head == "centre").eval()
+    net = build_net(config).eval()
     predictor = Predictor(net, config, PostProcess(threshold=0.05, min_box_area=0.0), "untrained", torch.device("cpu"))
     path = export_onnx(predictor, tmp_path / "model.onnx")
     assert OnnxNet(path).metadata()["pneumo.image_size"] == "64"

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from pneumo.config import TrainConfig
-from pneumo.data.datamodule import RsnaDataModule, augment
+from pneumo.data.augment import augment
+from pneumo.data.datamodule import RsnaDataModule
 from pneumo.data.layout import CLASSES
 from pneumo.data.prepare import prepare
 
@@ -64,7 +65,7 @@ def test_augment_moves_images_and_masks_together():
 def test_fast_affine_grid_equals_torch_affine_grid():
     import torch.nn.functional as F
 
-    from pneumo.data.datamodule import _affine_grid
+    from pneumo.data.augment import _affine_grid
 
     theta = torch.eye(2, 3).repeat(4, 1, 1) + 0.1 * torch.rand(4, 2, 3, generator=torch.Generator().manual_seed(0))
     for h, w in ((64, 64), (48, 80)):
