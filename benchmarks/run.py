@@ -35,7 +35,8 @@ DATA = OUT / "data"
 
 
 def record(name: str, result: dict) -> dict:
-    result = {"benchmark": name, "command": f"nox -s bench -- {name}", "machine": platform.processor() or platform.machine(),
+    result = {"benchmark": name, "command": f"nox -s bench -- {name}",
+              "machine": platform.processor() or platform.machine(),
               "cores": os.cpu_count(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"), **result}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -100,7 +101,8 @@ def bench_score():
                       for _ in range(n)], dtype=float).reshape(-1, 4)
         jitter = g + np.round(rng.normal(0, 25, g.shape))
         extra = rng.integers(0, 2)
-        false_positives = np.array([[rng.integers(0, 700), rng.integers(0, 600), 150, 200]] * extra, dtype=float).reshape(-1, 4)
+        false_positives = np.array([[rng.integers(0, 700), rng.integers(0, 600), 150, 200]] * extra,
+                                   dtype=float).reshape(-1, 4)
         p = np.vstack([jitter, false_positives])
         gt[f"p{i}"], preds[f"p{i}"] = g, (p, rng.uniform(0.3, 1, len(p)))
     t_fast = float("inf")
@@ -157,7 +159,8 @@ def bench_startup():
             best = min(best, time.perf_counter() - t0)
         return round(best, 3)
 
-    check = "import sys; from pneumo.cli import main; main(['score','--help']) if False else None; import pneumo.metrics, pneumo.data.validate, pneumo.data.synth; assert 'torch' not in sys.modules"
+    check = ("import sys; from pneumo.cli import main; main(['score','--help']) if False else None; "
+             "import pneumo.metrics, pneumo.data.validate, pneumo.data.synth; assert 'torch' not in sys.modules")
     imported = subprocess.run([sys.executable, "-c", check], capture_output=True).returncode == 0
     return record("startup", {"pneumo_score_help_s": timed(["-m", "pneumo", "score", "--help"]),
                               "pneumo_validate_help_s": timed(["-m", "pneumo", "validate", "--help"]),
@@ -215,7 +218,8 @@ def bench_loader():
                              "pneumo_samples_per_s_with_cpu_augment": round(ours, 1),
                              "pneumo_samples_per_s_cache_only": round(cached, 1),
                              "speedup_with_cpu_augment": round(ours / naive, 1),
-                             "torch_threads": torch.get_num_threads(), "target_speedup": 30, "target_samples_per_s": 2000})
+                             "torch_threads": torch.get_num_threads(), "target_speedup": 30,
+                             "target_samples_per_s": 2000})
 
 
 # ------------------------------------------------------------------ train
@@ -375,7 +379,8 @@ def main(argv: list[str]) -> int:
     names = argv or list(BENCHES)
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
-        hint = "; `real` and `scale` go first, alone, with their own arguments" if {"real", "scale"} & set(names) else ""
+        hint = ("; `real` and `scale` go first, alone, with their own arguments"
+                if {"real", "scale"} & set(names) else "")
         sys.exit(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}, "
                  f"or real or scale (not run by default){hint}")
     for name in names:

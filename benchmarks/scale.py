@@ -92,8 +92,8 @@ def measured(args: list[str], env: dict | None = None, program: list[str] | None
     env = {**os.environ, "PNEUMO_NO_PROGRESS": "1", **(env or {})}
     if PNEUMO_SRC:  # another checkout's package (--pneumo-src), for before/after figures
         env["PYTHONPATH"] = os.pathsep.join([PNEUMO_SRC, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.Popen([*(program or [sys.executable, "-m", "pneumo"]), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen([*(program or [sys.executable, "-m", "pneumo"]), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
     watcher = _TreeMemory(proc.pid)
     watcher.start()
     out, err = proc.communicate()
@@ -101,8 +101,10 @@ def measured(args: list[str], env: dict | None = None, program: list[str] | None
     watcher.stop()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(program or ['pneumo'])} {' '.join(args)} failed ({proc.returncode}): {err.strip()[-2000:]}")
-    return {"wall_s": round(wall, 2), "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 2),
+        raise RuntimeError(f"{' '.join(program or ['pneumo'])} {' '.join(args)} failed ({proc.returncode}): "
+                           f"{err.strip()[-2000:]}")
+    return {"wall_s": round(wall, 2),
+            "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 2),
             "peak_rss_tree_mb": round(watcher.peak / 2**20, 1),
             "peak_rss_tree_without_file_pages_mb": round(watcher.peak_private / 2**20, 1),
             "peak_rss_largest_process_mb": round(watcher.largest / 2**20, 1),
@@ -348,7 +350,8 @@ def main(argv: list[str]) -> int:
 
     steps = result["steps"]
     if "decode" in parts:
-        steps["decode"] = measure_decode(args.real) if args.real.is_dir() else {"skipped": f"{args.real}: no such folder"}
+        steps["decode"] = (measure_decode(args.real) if args.real.is_dir()
+                           else {"skipped": f"{args.real}: no such folder"})
         save()
     if not set(parts) - {"decode"}:
         print(json.dumps(result, indent=2))

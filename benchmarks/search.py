@@ -10,8 +10,9 @@ machine may be shared). Sized for a small CPU machine: 64 px images, an 8-channe
 3, 240 training images, 27 epochs per trial with ASHA rungs at epochs 3, 6, 12 and 24 (reduction
 factor 2): the first rung at epoch 3 because nearly every trial scores 0 after one epoch here (a
 rung of ties promotes or prunes by noise), and factor 2 because with factor 3 the best trial of
-the unpruned search (a slow starter: 0.04 at epoch 3, 0.90 at the end) was pruned at epoch 3. With 9 epochs a trial the per-trial start (papermill,
-kernel, imports: ~10 s against ~3.4 s an epoch) is a large share of what pruning can save.
+the unpruned search (a slow starter: 0.04 at epoch 3, 0.90 at the end) was pruned at epoch 3.
+With 9 epochs a trial the per-trial start (papermill, kernel, imports: ~10 s against ~3.4 s an
+epoch) is a large share of what pruning can save.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def _search(name: str, pruner: dict, args, data: Path) -> dict:
     load = os.getloadavg()
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pneumo", "sweep", str(path), "--out", str(out), "--max-parallel",
-                           str(args.parallel)], capture_output=True, text=True, env={**os.environ, "PNEUMO_NO_PROGRESS": "1"})
+                           str(args.parallel)], capture_output=True, text=True,
+                          env={**os.environ, "PNEUMO_NO_PROGRESS": "1"})
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
@@ -64,7 +66,8 @@ def _search(name: str, pruner: dict, args, data: Path) -> dict:
             "pruned": sum(m.get("status") == "pruned" for m in metrics), "wall_s": round(wall, 1),
             "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
             "load_avg_1m_start_end": [round(load[0], 2), round(os.getloadavg()[0], 2)],
-            "epochs_per_trial": [m.get("epochs_done") for m in metrics], "study": str(out / "sweeps" / name / "study.db")}
+            "epochs_per_trial": [m.get("epochs_done") for m in metrics],
+            "study": str(out / "sweeps" / name / "study.db")}
 
 
 def main(argv: list[str]) -> int:

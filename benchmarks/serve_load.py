@@ -137,7 +137,8 @@ def run_load(root: Path) -> dict:
     latency = np.array([r[4] for r in results]) * 1000
     return {"requests": N_REQUESTS, "clients": N_CLIENTS, "answered": len(results), "wrong": wrong[:10],
             "n_wrong": len(wrong), "mix": {k: kinds.count(k) for k in sorted(set(kinds))},
-            "requests_per_s": round(N_REQUESTS / wall, 2), "latency_ms_p50": round(float(np.percentile(latency, 50)), 1),
+            "requests_per_s": round(N_REQUESTS / wall, 2),
+            "latency_ms_p50": round(float(np.percentile(latency, 50)), 1),
             "latency_ms_p99": round(float(np.percentile(latency, 99)), 1), "wall_s": round(wall, 1),
             "server_rss_mb_idle": idle["rss_mb"], "server_peak_rss_mb": memory["peak_rss_mb"],
             "client_cpu_s": round(sum(os.times()[:2]) - sum(cpu0[:2]), 1), "load_average": os.getloadavg(),

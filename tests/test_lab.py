@@ -173,7 +173,8 @@ def _run_all(page, panel, timeout: float) -> None:
     page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
     page.wait_for_function(
         """() => { const panel = [...document.querySelectorAll('.jp-NotebookPanel')].find(p => p.checkVisibility());
-                   const prompts = [...panel.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(e => e.textContent.trim());
+                   const prompts = [...panel.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]
+                                       .map(e => e.textContent.trim());
                    return prompts.length > 0 && prompts.every(t => /^\\[\\d+\\]:$/.test(t)); }""",
         timeout=timeout, polling=500)
     _wait_idle(page)
@@ -183,7 +184,8 @@ def _save(page) -> None:
     """File > Save Notebook (Ctrl+S), then wait until the tab is no longer marked modified."""
     page.get_by_role("menuitem", name="File", exact=True).click()
     page.get_by_role("menuitem", name=re.compile(r"^Save Notebook(?! As)")).click()  # its name ends in Ctrl+S
-    page.wait_for_function("() => !document.querySelector('.lm-TabBar-tab.jp-mod-current.jp-mod-dirty')", timeout=30_000)
+    page.wait_for_function("() => !document.querySelector('.lm-TabBar-tab.jp-mod-current.jp-mod-dirty')",
+                           timeout=30_000)
 
 
 def _shut_down_kernels(lab) -> None:
@@ -202,12 +204,14 @@ def _check_outputs(panel, stem: str, min_images: int) -> None:
     assert errors.count() == 0, f"{stem}: error output in the browser:\n" + "\n".join(errors.all_inner_texts())[:3000]
     assert panel.get_by_text("Error displaying widget").count() == 0, f"{stem}: a widget failed to display"
     images = panel.locator(".jp-OutputArea-output img").evaluate_all(
-        "imgs => imgs.map(i => ({complete: i.complete, natural: i.naturalWidth, shown: i.getBoundingClientRect().width}))")
+        "imgs => imgs.map(i => ({complete: i.complete, natural: i.naturalWidth, "
+        "shown: i.getBoundingClientRect().width}))")
     assert len(images) >= min_images, f"{stem}: {len(images)} images shown, expected {min_images}"
     for i, image in enumerate(images):
         assert image["complete"] and image["natural"] > 0, f"{stem}: image {i} not rendered"
         # a figure wider than the notebook is shrunk by the browser, and its text with it
-        assert image["shown"] >= 0.85 * image["natural"], f"{stem}: image {i} shrunk to {image['shown']:.0f} of {image['natural']} px"
+        assert image["shown"] >= 0.85 * image["natural"], \
+            f"{stem}: image {i} shrunk to {image['shown']:.0f} of {image['natural']} px"
 
 
 def _screenshot_cells(panel, stem: str) -> None:
@@ -260,7 +264,8 @@ def _use_viewer(page, panel, stem: str) -> None:
     _changes_image(page, viewer, lambda: viewer.locator(".widget-checkbox input").click(), "boxes off", stem)
     _changes_image(page, viewer, lambda: viewer.locator(".widget-checkbox input").click(), "boxes on", stem)
     classes = viewer.locator(".widget-dropdown select option").all_text_contents()
-    _changes_image(page, viewer, lambda: viewer.locator(".widget-dropdown select").select_option(index=len(classes) - 1),
+    _changes_image(page, viewer,
+                   lambda: viewer.locator(".widget-dropdown select").select_option(index=len(classes) - 1),
                    "class", stem)
     assert label.inner_text() != first_patient, f"{stem}: the patient line did not follow the class"
     handle = _slider(viewer, "patient").locator(".noUi-handle")
@@ -280,7 +285,8 @@ def _explore(page, lab) -> None:
     _screenshot_cells(panel, "01-explore")
     _check_outputs(panel, "01-explore", min_images=3)  # overview figure, samples grid, the viewer's image
     shown = _viewer_cell(panel).locator(".jp-OutputArea-output img")
-    assert shown.count() == 1, f"01-explore: the viewer cell shows {shown.count()} images (a still copy beside the live one?)"
+    assert shown.count() == 1, \
+        f"01-explore: the viewer cell shows {shown.count()} images (a still copy beside the live one?)"
     _use_viewer(page, panel, "01-explore")
     # saved, the viewer outlives a page reload (its widgets come back from the live kernel) ...
     _save(page)
@@ -288,7 +294,8 @@ def _explore(page, lab) -> None:
     panel = page.locator(".jp-NotebookPanel:visible")
     viewer = _viewer_cell(panel).locator(".widget-vbox").first
     viewer.locator("img").first.wait_for(timeout=60_000)
-    _changes_image(page, viewer, lambda: _type_in_readout(page, _slider(viewer, "level"), 200), "level after reload", "01-explore")
+    _changes_image(page, viewer, lambda: _type_in_readout(page, _slider(viewer, "level"), 200),
+                   "level after reload", "01-explore")
     # ... and a second Run All: a fresh viewer that works like the first
     _run_all(page, panel, timeout=240_000)
     _check_outputs(panel, "01-explore (run again)", min_images=3)

@@ -60,7 +60,8 @@ def test_box_heatmap_of_the_synthetic_labels(synth_dir):
 def test_learning_curves_tick_whole_epochs_even_after_one():
     import matplotlib.pyplot as plt
 
-    fig = learning_curves({"history": [{"epoch": 1, "train_loss": 1.9, "val_loss": 1.8, "val_map": 0.1}], "best_epoch": 1})
+    fig = learning_curves({"history": [{"epoch": 1, "train_loss": 1.9, "val_loss": 1.8, "val_map": 0.1}],
+                           "best_epoch": 1})
     fig.canvas.draw()
     for ax in fig.axes:
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]

@@ -134,7 +134,8 @@ def cmd_predict(args) -> int:
     if "map" in summary:
         print(f"mAP {summary['map']:.4f} over {summary['n_scored']} scored images (score.json)")
     if "n_reports" in summary:
-        print(f"{summary['n_reports']} DICOM files written (sr/, gsps/), {summary['n_warnings']} warnings (warnings.csv)")
+        print(f"{summary['n_reports']} DICOM files written (sr/, gsps/), "
+              f"{summary['n_warnings']} warnings (warnings.csv)")
     return 0
 
 
@@ -149,7 +150,8 @@ def _add_cluster_options(parser, verb: str) -> None:
     parser.add_argument("--cluster", default=None, metavar="WHERE",
                         help=f"{verb} on Dask: 'local', 'slurm', 'htcondor', 'pbs' (params/cluster/<kind>.yaml) "
                              "or a scheduler address")
-    parser.add_argument("--cluster-file", type=Path, default=None, help="cluster YAML (default params/cluster/<kind>.yaml)")
+    parser.add_argument("--cluster-file", type=Path, default=None,
+                        help="cluster YAML (default params/cluster/<kind>.yaml)")
 
 
 def build_parser() -> argparse.ArgumentParser:

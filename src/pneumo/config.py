@@ -41,7 +41,8 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 16
     image_size: int = 128
-    encoder: str = "unet"  # a registered encoder (pneumo.models.encoders)
+    encoder: str = "unet"  # unet (from scratch) or a timm model name, e.g. tf_efficientnet_lite0
+    encoder_weights: str = "none"  # none | imagenet | PATH of a timm state dict (pneumo.models.timm_encoder)
     width: int = 8  # channels of the first UNet level; doubled at each level down
     depth: int = 4  # UNet levels (image_size must be divisible by 2**depth)
     loss: str = "bce_dice"

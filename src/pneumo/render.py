@@ -8,13 +8,19 @@ stays legible at 1024 px.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 GT_COLOUR = (40, 220, 90)
 PRED_COLOUR = (255, 60, 40)
 _GREYS = 250
 _GT, _PRED, _WHITE = _GREYS, _GREYS + 1, _GREYS + 2
-_PALETTE = [round(i * 255 / (_GREYS - 1)) for i in range(_GREYS) for _ in range(3)] + [*GT_COLOUR, *PRED_COLOUR, 255, 255, 255]
+_PALETTE = ([round(i * 255 / (_GREYS - 1)) for i in range(_GREYS) for _ in range(3)]
+            + [*GT_COLOUR, *PRED_COLOUR, 255, 255, 255])
 
 
 def _font(size: int):
@@ -26,7 +32,7 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def annotate(image: np.ndarray, pred_boxes=(), confidences=(), gt_boxes=()) -> Image.Image:  # noqa: F821
+def annotate(image: np.ndarray, pred_boxes=(), confidences=(), gt_boxes=()) -> Image.Image:
     """A palette Pillow image of a uint8 grey image with boxes in its own pixel frame."""
     from PIL import Image, ImageDraw
 

@@ -48,7 +48,8 @@ def test_reads_synthetic_rsna_file(synth_dir):
     assert read_meta(path).rows == 256
 
 
-@pytest.mark.parametrize("text,years", [("51", 51), ("051Y", 51), ("6M", 0.5), ("026W", 0.498), ("", None), ("abc", None), (None, None)])
+@pytest.mark.parametrize("text,years", [("51", 51), ("051Y", 51), ("6M", 0.5), ("026W", 0.498), ("", None),
+                                        ("abc", None), (None, None)])
 def test_parse_age(text, years):
     assert parse_age(text) == (pytest.approx(years, abs=1e-3) if years is not None else None)
 

@@ -14,7 +14,8 @@ def test_prepare_writes_features_boxes_and_cache(synth_dir, tmp_path):
     out = tmp_path / "prep"
     prepared = prepare(synth_dir, out=out, image_size=64, val_fraction=0.25, seed=1, workers=2)
     f = prepared.features
-    assert list(f.columns[:8]) == ["patientId", "PatientSex", "PatientAge", "ViewPosition", "Target", "class", "rows", "columns"]
+    assert list(f.columns[:8]) == ["patientId", "PatientSex", "PatientAge", "ViewPosition", "Target", "class",
+                                   "rows", "columns"]
     assert {"n_boxes", "split", "index"} <= set(f.columns)
     images = prepared.images()
     assert images.shape == (48, 64, 64) and images.dtype == np.uint8

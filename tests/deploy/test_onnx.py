@@ -51,6 +51,7 @@ def test_untrained_networks_of_each_kind(synth_dir, tmp_path, head, classifier, 
 @pytest.mark.slow
 def test_trained_checkpoint(tiny_run, synth_dir, tmp_path):
     predictor = load_predictor(tiny_run)
-    predictor = dataclasses.replace(predictor, settings=dataclasses.replace(predictor.settings, threshold=0.05, min_box_area=0.0, gate=0.0))
+    predictor = dataclasses.replace(predictor, settings=dataclasses.replace(predictor.settings, threshold=0.05,
+                                                                            min_box_area=0.0, gate=0.0))
     path = export_onnx(predictor, tmp_path / "model.onnx")
     assert _same_boxes(predictor, path, synth_dir) > 0

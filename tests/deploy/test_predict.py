@@ -75,7 +75,8 @@ def test_threshold_override_and_tta(tiny_run, synth_dir, tmp_path):
     predictor = load_predictor(tiny_run)
     batch = np.random.default_rng(0).integers(0, 255, (2, 64, 64), dtype=np.uint8)
     probs, opacity = predictor.outputs(batch, [{"ViewPosition": "AP"}, {}], tta=True)
-    assert len(probs) == 2 and probs[0].shape == (64, 64) and opacity.shape == (2,) and ((opacity > 0) & (opacity < 1)).all()
+    assert len(probs) == 2 and probs[0].shape == (64, 64) and opacity.shape == (2,) and \
+        ((opacity > 0) & (opacity < 1)).all()
 
 
 def test_model_paths(tiny_run, tmp_path):
@@ -99,7 +100,8 @@ def test_model_paths(tiny_run, tmp_path):
 
 
 def test_cli_summary_and_missing_dir(tiny_run, synth_dir, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pneumo", "predict", str(tiny_run), str(synth_dir / "stage_2_test_images"),
+    out = subprocess.run([sys.executable, "-m", "pneumo", "predict", str(tiny_run),
+                          str(synth_dir / "stage_2_test_images"),
                           "--out", str(tmp_path / "p"), "--labels", str(synth_dir / "stage_2_test_labels.csv")],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -139,7 +141,8 @@ def test_careless_predict_arguments_are_one_line_each(tiny_run, synth_dir, tmp_p
     images = synth_dir / "stage_2_test_images"
 
     def predict(*args):
-        out = subprocess.run([sys.executable, "-m", "pneumo", "predict", *map(str, args)], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-m", "pneumo", "predict", *map(str, args)],
+                             capture_output=True, text=True)
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 1 and "Traceback" not in out.stderr and len(lines) == 1, out.stderr[-3000:]
         return lines[0]

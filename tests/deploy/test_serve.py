@@ -64,8 +64,9 @@ def test_predict_multipart_and_json(server, synth_dir):
     body = r.json()
     assert body["patientId"] == dcm.stem and body["image_size"] == [256, 256] and isinstance(body["boxes"], list)
     assert body["model"]
-    r = httpx.post(f"{server}/predict?annotated=true", json={"dicom_base64": base64.b64encode(dcm.read_bytes()).decode(),
-                                                            "filename": dcm.name}, timeout=30)
+    r = httpx.post(f"{server}/predict?annotated=true",
+                   json={"dicom_base64": base64.b64encode(dcm.read_bytes()).decode(), "filename": dcm.name},
+                   timeout=30)
     assert r.status_code == 200
     assert base64.b64decode(r.json()["annotated_png_base64"])[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -152,7 +153,8 @@ def test_decompression_bomb_upload_is_refused_quickly(server, synth_dir, tmp_pat
     bomb = tmp_path / "bomb.dcm"
     write_bomb(next((synth_dir / "stage_2_test_images").glob("*.dcm")), bomb, 14000, 14000)
     start = time.perf_counter()
-    r = httpx.post(f"{server}/predict", files={"file": ("bomb.dcm", bomb.read_bytes(), "application/dicom")}, timeout=60)
+    r = httpx.post(f"{server}/predict", files={"file": ("bomb.dcm", bomb.read_bytes(), "application/dicom")},
+                   timeout=60)
     assert r.status_code == 422 and "over the limit" in r.json()["detail"]
     assert time.perf_counter() - start < 5
 

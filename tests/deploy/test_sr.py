@@ -139,7 +139,8 @@ def test_predict_writes_a_report_per_image(tiny_run, synth_dir, tmp_path):
     summary = predict_folder(predictor, images, out, workers=0, dicom_sr=True, dicom_gsps=True)
     annotations = json.loads((out / "annotations.json").read_text())["images"]
     assert sum(len(a["boxes"]) for a in annotations.values()) > 0
-    assert {p.stem for p in (out / "sr").glob("*.dcm")} == set(annotations) == {p.stem for p in (out / "gsps").glob("*.dcm")}
+    assert {p.stem for p in (out / "sr").glob("*.dcm")} == set(annotations) == \
+        {p.stem for p in (out / "gsps").glob("*.dcm")}
     for pid, record in annotations.items():
         boxes, confidences, evaluation, _, _ = read_report(out / "sr" / f"{pid}.dcm")
         expected = np.array([[b["x"], b["y"], b["width"], b["height"]] for b in record["boxes"]]).reshape(-1, 4)

@@ -26,8 +26,10 @@ def test_breakdown_matches_the_metric_on_each_subset():
         pid = f"p{i}"
         box = np.array([[100.0, 100.0, 200.0, 200.0]])
         truth[pid] = box if i % 3 else np.zeros((0, 4))
-        preds[pid] = (box + rng.normal(0, 30, size=(1, 4)), np.array([0.8])) if i % 2 else (np.zeros((0, 4)), np.zeros(0))
-        attributes[pid] = {"PatientSex": "M" if i < 70 else "F", "PatientAge": 10 + i * 0.7, "ViewPosition": "PA" if i % 4 else "AP"}
+        preds[pid] = ((box + rng.normal(0, 30, size=(1, 4)), np.array([0.8])) if i % 2
+                      else (np.zeros((0, 4)), np.zeros(0)))
+        attributes[pid] = {"PatientSex": "M" if i < 70 else "F", "PatientAge": 10 + i * 0.7,
+                           "ViewPosition": "PA" if i % 4 else "AP"}
     result = subgroup_scores(truth, preds, attributes, min_images=25)
     assert result["overall"]["map"] == pytest.approx(mean_average_precision(truth, preds).map, abs=1e-4)
     assert result["overall"]["n_images"] == 100 and result["overall"]["n_positive"] == 66

@@ -146,7 +146,8 @@ def test_every_candidate_scores_as_the_metric_does():
     outputs, frames, truth, opacity = _mixed_set(n=40, seed=3)
     scores = SearchScores(PostProcess(), "search", gated=True)
     keys = list(truth)
-    scores.add([outputs[k] for k in keys], [frames[k] for k in keys], [truth[k] for k in keys], [opacity[k] for k in keys])
+    scores.add([outputs[k] for k in keys], [frames[k] for k in keys], [truth[k] for k in keys],
+               [opacity[k] for k in keys])
     rng = np.random.default_rng(0)
     for _ in range(25):
         values = {name: grid[rng.integers(len(grid))] for name, grid in SHAPE_GRID.items()}
@@ -162,7 +163,8 @@ def test_scoring_holds_the_grid_not_the_outputs():
     scores = SearchScores(PostProcess(), "search", gated=True)
     before = {k: v.nbytes for k, v in vars(scores).items() if isinstance(v, np.ndarray)}
     keys = list(truth)
-    scores.add([outputs[k] for k in keys], [frames[k] for k in keys], [truth[k] for k in keys], [opacity[k] for k in keys])
+    scores.add([outputs[k] for k in keys], [frames[k] for k in keys], [truth[k] for k in keys],
+               [opacity[k] for k in keys])
     after = {k: v.nbytes for k, v in vars(scores).items() if isinstance(v, np.ndarray)}
     assert before == after  # the same arrays, whatever the number of images added
 

@@ -36,7 +36,8 @@ def test_job_scripts_request_gpu_walltime_and_environment(tmp_path, kind, expect
 
 
 def test_gpu_requests_keep_what_the_file_already_asks_for():
-    slurm = gpu_settings("slurm", {"job_extra_directives": ["--gpus=a100:2"], "worker_extra_args": ["--lifetime", "1h"]}, 2)
+    slurm = gpu_settings("slurm", {"job_extra_directives": ["--gpus=a100:2"],
+                                   "worker_extra_args": ["--lifetime", "1h"]}, 2)
     assert slurm["job_extra_directives"] == ["--gpus=a100:2"]  # no second, conflicting --gres
     assert slurm["worker_extra_args"] == ["--lifetime", "1h", "--resources", "GPU=2"]
     condor = gpu_settings("htcondor", {"job_extra_directives": {"request_gpus": "4"}}, 1)

@@ -171,7 +171,8 @@ def test_a_task_dask_gave_up_on_is_a_failed_run(tmp_path):
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                       dashboard_address=None) as cluster, Client(cluster) as client:
         future = client.submit(_lost_task, pure=False)
-        results = DaskExecutor(client, owns_client=False)._collect({future: run}, tmp_path, StatusBoard([run], tmp_path))
+        results = DaskExecutor(client, owns_client=False)._collect({future: run}, tmp_path,
+                                                                   StatusBoard([run], tmp_path))
     assert results["01-adam"]["state"] == "failed" and "worker lost" in results["01-adam"]["error"]
     assert RunDir(tmp_path / "01-adam").state() == "failed"  # --resume runs it again
 

@@ -79,7 +79,8 @@ def test_a_sweep_file_with_search_is_validated_before_anything_runs(tmp_path):
                              "search": {"params": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}, "trials": 3}})
     sweep = load_sweep(path)
     assert sweep.runs == [] and sweep.search.trials == 3 and sweep.search.space["lr"]["kind"] == "float"
-    both = _write(tmp_path, {"notebook": NOTEBOOK, "runs": [{"optimizer": "adam"}], "search": {"params": {"lr": [0.1]}}})
+    both = _write(tmp_path, {"notebook": NOTEBOOK, "runs": [{"optimizer": "adam"}],
+                             "search": {"params": {"lr": [0.1]}}})
     with pytest.raises(SweepError, match="not both"):
         load_sweep(both)
     result = _sweep(_write(tmp_path, {"notebook": NOTEBOOK, "search": {"params": {"momentum": [1.5]}}}),
@@ -99,7 +100,8 @@ def _mixed_seed(spec, n: int) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for seed in range(100):
-        study = optuna.create_study(direction="maximize", sampler=make_sampler(spec.__class__(**{**spec.__dict__, "seed": seed})))
+        study = optuna.create_study(direction="maximize",
+                                    sampler=make_sampler(spec.__class__(**{**spec.__dict__, "seed": seed})))
         drawn = [study.ask(spec.distributions()).params["data_dir"] for _ in range(n)]
         if len(set(drawn)) == 2 and drawn[0] != drawn[-1]:
             return seed
@@ -150,11 +152,13 @@ def test_four_trial_search_prunes_and_records_a_failing_trial(tmp_path, synth_di
 @pytest.mark.slow
 def test_a_killed_search_resumes_with_no_trial_lost_or_run_twice(tmp_path, synth_dir):
     search = {"params": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}, "trials": 2, "sampler": "random"}
-    path = _write(tmp_path, {"name": "k", "notebook": NOTEBOOK, "base": {"data_dir": str(synth_dir), "epochs": 30, **TINY},
+    path = _write(tmp_path, {"name": "k", "notebook": NOTEBOOK,
+                             "base": {"data_dir": str(synth_dir), "epochs": 30, **TINY},
                              "search": search, "marathon": {"epochs": 2}})
     out = tmp_path / "outputs"
     env = {**os.environ, "PNEUMO_NO_PROGRESS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pneumo", "sweep", str(path), "--out", str(out), "--max-parallel", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "pneumo", "sweep", str(path), "--out", str(out),
+                             "--max-parallel", "1"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = RunDir(out / "runs" / "k" / "trial-000")
     deadline = time.time() + 300

@@ -33,9 +33,11 @@ def test_run_names_are_readable():
 
 def test_runs_from_list_and_grid(tmp_path, synth_dir):
     path = _write(tmp_path, {"name": "s", "notebook": NOTEBOOK, "base": {"data_dir": str(synth_dir), **TINY},
-                             "runs": [{"optimizer": "adam"}], "grid": {"optimizer": ["sgd", "adagrad"], "lr": [0.1, 0.01]}})
+                             "runs": [{"optimizer": "adam"}],
+                             "grid": {"optimizer": ["sgd", "adagrad"], "lr": [0.1, 0.01]}})
     sweep = load_sweep(path)
-    assert [r.name for r in sweep.runs] == ["01-adam", "02-sgd-lr0.1", "03-sgd-lr0.01", "04-adagrad-lr0.1", "05-adagrad-lr0.01"]
+    assert [r.name for r in sweep.runs] == ["01-adam", "02-sgd-lr0.1", "03-sgd-lr0.01", "04-adagrad-lr0.1",
+                                           "05-adagrad-lr0.01"]
     assert sweep.runs[1].params["epochs"] == 2 and sweep.runs[1].params["optimizer"] == "sgd"
 
 
@@ -80,7 +82,8 @@ def test_summary_ranks_runs_and_says_what_each_left(tmp_path):
     adam.write_process(12.5, 0)
     sgd.mark_failed("ValueError: lr too high")  # adamw never started
     rows = summarize(spec, runs_root, tmp_path / "sweeps")
-    assert [(r["run"], r["status"]) for r in rows] == [("01-adam", "done"), ("02-sgd", "failed"), ("03-adamw", "pending")]
+    assert [(r["run"], r["status"]) for r in rows] == [("01-adam", "done"), ("02-sgd", "failed"),
+                                                       ("03-adamw", "pending")]
     assert rows[0]["overhead_s"] == 2.5 and rows[1]["error"] == "ValueError: lr too high"
     assert rows[0]["optimizer"] == "adam" and "epochs" not in rows[0]  # only the parameters that differ
     table = (tmp_path / "sweeps" / "s" / "summary.md").read_text()
@@ -89,7 +92,8 @@ def test_summary_ranks_runs_and_says_what_each_left(tmp_path):
 
 def _sweep(*args, cwd):
     return subprocess.run([sys.executable, "-m", "pneumo", "sweep", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env={"PATH": "/usr/bin:/bin", "PNEUMO_NO_PROGRESS": "1", "HOME": str(cwd)})
+                          text=True, cwd=cwd,
+                          env={"PATH": "/usr/bin:/bin", "PNEUMO_NO_PROGRESS": "1", "HOME": str(cwd)})
 
 
 @pytest.mark.slow
@@ -128,7 +132,8 @@ def test_real_parallel_sweep_with_a_failing_run_then_resume(tmp_path, synth_dir)
     card = json.loads((model / "model.json").read_text())
     assert (model / "model.ckpt").is_file() and card["params"]["epochs"] == 3 and card["source_sweep"] == "t"
     assert {"threshold", "git_commit", "data_fingerprint", "created_at", "metrics"} <= set(card)
-    assert (model / "model.md").is_file() and (model / "model.onnx").is_file() and card["subgroups"]  # pneumo.deploy.modelcard
+    assert (model / "model.md").is_file() and (model / "model.onnx").is_file() and \
+        card["subgroups"]  # pneumo.deploy.modelcard
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
     mux = EventMultiplexer()
     mux.AddRunsFromDirectory(str(runs))
@@ -147,7 +152,8 @@ def test_ctrl_c_stops_cleanly_and_leaves_a_resumable_sweep(tmp_path, synth_dir):
 
     # enough epochs that the run cannot finish between its first checkpoint and the Ctrl-C
     # reaching it (a tiny epoch takes well under a second; a loaded machine delays the signal)
-    path = _write(tmp_path, {"name": "c", "notebook": NOTEBOOK, "base": {"data_dir": str(synth_dir), **TINY, "epochs": 40},
+    path = _write(tmp_path, {"name": "c", "notebook": NOTEBOOK,
+                             "base": {"data_dir": str(synth_dir), **TINY, "epochs": 40},
                              "runs": [{"optimizer": "adam"}]})
     out = tmp_path / "outputs"
     env = {"PATH": "/usr/bin:/bin", "PNEUMO_NO_PROGRESS": "1", "HOME": str(tmp_path)}

@@ -1,4 +1,5 @@
-"""pneumo.sweeps.trial: what the per-epoch trial report decides (a real Optuna trial; a trainer's state as plain values)."""
+"""pneumo.sweeps.trial: what the per-epoch trial report decides (a real Optuna trial; a trainer's state as
+plain values)."""
 
 from types import SimpleNamespace
 
@@ -19,5 +20,6 @@ def test_a_trial_is_pruned_before_its_last_epoch_never_after_it(epoch, max_epoch
     report = TrialReport(trial)
     report.recorder = recorder
     report.on_validation_end(trainer, None)
-    assert trainer.should_stop is stops and (report.ended_early or {}).get("pruned_at_epoch") == (epoch if stops else None)
+    assert trainer.should_stop is stops and \
+        (report.ended_early or {}).get("pruned_at_epoch") == (epoch if stops else None)
     assert study.trials[0].intermediate_values == {epoch: 0.1}  # reported either way

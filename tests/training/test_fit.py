@@ -31,7 +31,8 @@ def test_run_directory_layout(finished_run):
     assert yaml.safe_load((run_dir / "config.yaml").read_text()) == config.to_dict()
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert saved["status"] == "finished" and saved["epochs_done"] == 2
-    assert {"best_val_map", "best_epoch", "threshold", "per_threshold", "wall_time_s", "train_images_per_s"} <= set(saved)
+    assert {"best_val_map", "best_epoch", "threshold", "per_threshold", "wall_time_s",
+            "train_images_per_s"} <= set(saved)
     assert len(saved["per_threshold"]) == 8 and len(saved["history"]) == 2
     assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert len(list((run_dir / "val_images").glob("*.png"))) == 4
@@ -93,7 +94,8 @@ def test_killed_run_resumes_to_the_same_result(synth_dir, tmp_path):
     assert "best val mAP" in reference.stdout and "tensorboard --logdir" in reference.stdout
 
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(synth_dir, run_dir, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(_train_cmd(synth_dir, run_dir, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
     deadline = time.time() + 120
     while time.time() < deadline:
         status = run_dir / "status.json"
@@ -128,7 +130,8 @@ def test_diverging_run_raises_a_clear_error(synth_dir, tmp_path):
         fit(config, tmp_path / "div")
     assert json.loads((tmp_path / "div" / "status.json").read_text())["state"] == "failed"
     # on the command line a diverging run is one line naming the fix, not a traceback
-    cmd = [*_train_cmd(synth_dir, tmp_path / "div-cli", 2), "-p", "optimizer=sgd", "-p", "lr=1e12", "-p", "scheduler=none"]
+    cmd = [*_train_cmd(synth_dir, tmp_path / "div-cli", 2), "-p", "optimizer=sgd", "-p", "lr=1e12",
+           "-p", "scheduler=none"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]

@@ -17,7 +17,8 @@ def summary_tables(features: pd.DataFrame) -> dict[str, pd.DataFrame]:
         "sex by class": pd.crosstab(features["class"], features["PatientSex"], normalize="index").round(3),
         "view by class": pd.crosstab(features["class"], features["ViewPosition"], normalize="index").round(3),
         "age by class": pd.crosstab(features["class"], ages, normalize="index").round(3),
-        "boxes per image": features.loc[features["Target"] == 1, "n_boxes"].value_counts().sort_index().to_frame("patients"),
+        "boxes per image": (features.loc[features["Target"] == 1, "n_boxes"].value_counts().sort_index()
+                            .to_frame("patients")),
     }
 
 
@@ -39,7 +40,8 @@ def overview_figure(features: pd.DataFrame, boxes: pd.DataFrame):
     axes[1].scatter(boxes["width"], boxes["height"], s=8, alpha=0.5)
     axes[1].set(title="box sizes (original pixels)", xlabel="width", ylabel="height")
     frame = features.set_index("patientId").loc[boxes["patientId"]]
-    heat = box_heatmap(boxes[["x", "y", "width", "height"]].to_numpy(), frame["rows"].to_numpy(), frame["columns"].to_numpy())
+    heat = box_heatmap(boxes[["x", "y", "width", "height"]].to_numpy(), frame["rows"].to_numpy(),
+                       frame["columns"].to_numpy())
     axes[2].imshow(heat, cmap="magma")
     axes[2].set(title="where opacities are", xticks=[], yticks=[])
     fig.tight_layout()
@@ -132,7 +134,8 @@ class Viewer:
         self.patient = ids[min(self.index.value, len(ids) - 1)]
         b = self.boxes.loc[self.boxes["patientId"] == self.patient, ["x", "y", "width", "height"]].to_numpy()
         row = self._rows.loc[self.patient]
-        self.label.value = f"{self.patient}  {row['PatientSex']} {row['PatientAge']:.0f}y {row['ViewPosition']}  boxes: {len(b)}"
+        self.label.value = (f"{self.patient}  {row['PatientSex']} {row['PatientAge']:.0f}y {row['ViewPosition']}"
+                            f"  boxes: {len(b)}")
         image = show_patient(self.data_dir, self.patient, b, self.level.value, self.width.value,
                              self.show_boxes.value, size=self.size)
         buffer = io.BytesIO()

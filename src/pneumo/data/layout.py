@@ -10,12 +10,16 @@ import os
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pneumo.boxes import as_boxes, check_patient_id
 from pneumo.errors import DataError, DicomError
 from pneumo.progress import track
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # The Kaggle RSNA Pneumonia Detection (stage 2) download: folder and file names, CSV columns, classes.
 TRAIN_IMAGES, TEST_IMAGES = "stage_2_train_images", "stage_2_test_images"
@@ -59,7 +63,7 @@ def layout(data_dir) -> Layout:
     return Layout(root)
 
 
-def read_csv(path, columns) -> pd.DataFrame:  # noqa: F821
+def read_csv(path, columns) -> pd.DataFrame:
     """A CSV with the required columns (patientId as str), or DataError naming what is wrong."""
     import pandas as pd
 
@@ -80,7 +84,7 @@ def read_csv(path, columns) -> pd.DataFrame:  # noqa: F821
     return df
 
 
-def read_labels_table(path, columns=LABEL_COLUMNS) -> pd.DataFrame:  # noqa: F821
+def read_labels_table(path, columns=LABEL_COLUMNS) -> pd.DataFrame:
     """The labels CSV with numeric box and Target columns; DataError names the first bad cell.
 
     columns are the required ones; Target is checked when present even if not required.

@@ -19,6 +19,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,6 +39,9 @@ from pneumo.data.layout import (
 from pneumo.errors import DataError
 from pneumo.io import atomic_dir, atomic_write_json
 from pneumo.paths import Outputs
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +87,8 @@ def _labels_and_classes(lay):
     for row in labels.index[~labels["Target"].isin([0, 1])]:
         value = labels.at[row, "Target"]
         bad.setdefault(labels.at[row, "patientId"],
-                       "labels row with an empty Target" if value != value else f"labels row with Target {value:g}, not 0 or 1")
+                       "labels row with an empty Target" if value != value
+                       else f"labels row with Target {value:g}, not 0 or 1")
     labels = labels[~labels["patientId"].isin(set(bad))]
     target = labels.groupby("patientId")["Target"].max()
     if target.empty:
@@ -130,7 +135,8 @@ class CacheRows:
             self._fd = os.open(self.path, os.O_RDONLY)
             with os.fdopen(os.dup(self._fd), "rb") as f:
                 version = np.lib.format.read_magic(f)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
                 shape, fortran, dtype = read_header(f)
                 self._offset = f.tell()
             stat = os.fstat(self._fd)
@@ -139,7 +145,8 @@ class CacheRows:
         self.shape, self.dtype, self._identity = tuple(shape), np.dtype(dtype), (stat.st_dev, stat.st_ino)
         self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
         if fortran or len(self.shape) != 3 or stat.st_size < self._offset + len(self) * self._row_bytes:
-            raise DataError(f"{self.path}: unreadable cache (not a complete C-order (N, S, S) array); run prepare again")
+            raise DataError(f"{self.path}: unreadable cache (not a complete C-order (N, S, S) array); "
+                            "run prepare again")
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -204,8 +211,8 @@ class Prepared:
 
     root: Path
     manifest: dict
-    features: pd.DataFrame  # noqa: F821
-    boxes: pd.DataFrame  # noqa: F821
+    features: pd.DataFrame
+    boxes: pd.DataFrame
 
     @property
     def image_size(self) -> int:
@@ -298,9 +305,9 @@ def open_prepared(path) -> Prepared:
     return Prepared(root, manifest, features, boxes)
 
 
-def prepare(data_dir, out=None, image_size: int = TrainConfig.image_size, val_fraction: float = TrainConfig.val_fraction,
-            seed: int = TrainConfig.seed, workers: int | None = None, force: bool = False, outputs=None,
-            client=None) -> Prepared:
+def prepare(data_dir, out=None, image_size: int = TrainConfig.image_size,
+            val_fraction: float = TrainConfig.val_fraction, seed: int = TrainConfig.seed, workers: int | None = None,
+            force: bool = False, outputs=None, client=None) -> Prepared:
     """Build (or reuse, when the fingerprint matches) the prepared cache of data_dir.
 
     out defaults to <outputs>/data/<fingerprint> (pneumo.paths). With a Dask

@@ -120,14 +120,15 @@ def _check_labels(report: Report, lay, labels, classes, sizes: dict) -> None:
     rows = np.array([sizes.get(p, EXPECTED_SIZE)[0] for p in boxes["patientId"]], dtype=float).reshape(-1)
     cols = np.array([sizes.get(p, EXPECTED_SIZE)[1] for p in boxes["patientId"]], dtype=float).reshape(-1)
     bad = (w <= 0) | (h <= 0) | (x < 0) | (y < 0) | (x + w > cols) | (y + h > rows)
-    for (pid, bx, by, bw, bh), r, c in zip(boxes.loc[bad, ["patientId", "x", "y", "width", "height"]].itertuples(index=False),
-                                           rows[bad], cols[bad]):
+    for (pid, bx, by, bw, bh), r, c in zip(boxes.loc[bad, ["patientId", "x", "y", "width", "height"]]
+                                           .itertuples(index=False), rows[bad], cols[bad]):
         report.add(pid, path, "box outside image", f"box ({bx:g}, {by:g}, {bw:g}, {bh:g}) in a {r:.0f}x{c:.0f} image")
     if classes is not None:
         cpath = str(lay.class_info)
         cls = classes.drop_duplicates()
         for row in cls[~cls["class"].isin(CLASSES)].itertuples(index=False):
-            report.add(row.patientId, cpath, "unknown class", f"{row[1]!r} is not one of {', '.join(CLASSES)}", "warning")
+            report.add(row.patientId, cpath, "unknown class", f"{row[1]!r} is not one of {', '.join(CLASSES)}",
+                       "warning")
         multi = cls.groupby("patientId")["class"].nunique()
         for pid in multi[multi > 1].index:
             report.add(pid, cpath, "inconsistent class", "more than one class for the patient")

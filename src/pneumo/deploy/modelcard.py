@@ -69,8 +69,10 @@ def card_markdown(card: dict, evaluation: dict | None, breakdown: dict | None, n
              "see the project's README).", "", INTENDED_USE, "", "## Training data", ""]
     data = (evaluation or {}).get("data", {})
     lines += [f"- data fingerprint: `{card.get('data_fingerprint')}`"
-              + (f" (evaluated on `{data['fingerprint']}`)" if data.get("fingerprint") not in (None, card.get("data_fingerprint")) else ""),
-              f"- images: {metrics.get('n_train', data.get('n_train'))} training, {metrics.get('n_val', data.get('n_val'))} validation"]
+              + (f" (evaluated on `{data['fingerprint']}`)"
+                 if data.get("fingerprint") not in (None, card.get("data_fingerprint")) else ""),
+              f"- images: {metrics.get('n_train', data.get('n_train'))} training, "
+              f"{metrics.get('n_val', data.get('n_val'))} validation"]
     for split in ("train", "val"):
         classes = data.get(f"{split}_classes")
         if classes:
@@ -83,7 +85,8 @@ def card_markdown(card: dict, evaluation: dict | None, breakdown: dict | None, n
               f"of {metrics.get('epochs_done')}.", ""]
     lines += [breakdown_markdown(breakdown)] if breakdown else [f"No subgroup figures: {note}"]
     lines += ["", "## Provenance", "", f"- source run: `{card.get('source_run')}`",
-              f"- sweep: `{card.get('source_sweep')}`, commit `{card.get('git_commit')}`, created {card.get('created_at')}",
+              f"- sweep: `{card.get('source_sweep')}`, commit `{card.get('git_commit')}`, "
+              f"created {card.get('created_at')}",
               "- files: model.ckpt (PyTorch Lightning checkpoint), model.json (this card as data), "
               "model.onnx (the network; its inputs and outputs are described in pneumo/portable.py)", ""]
     return "\n".join(lines)

@@ -2,10 +2,11 @@
 
 Inputs: `image` (batch, 1, S, S) float32 grey levels in [0, 1] at the model's image size S, and,
 for a classifier with metadata, `metadata` (batch, 3): [view is AP, sex is M, age / 100], unknown
-values 0.5 (pneumo.data.metadata). Outputs (the heads' declared names, pneumo.models.heads): `mask` (batch, 1, S, S) opacity logits, then
-`classes` (batch, 3) class logits with a classifier, then `centre` (batch, 5, S/4, S/4) with the
-centre head. The batch axis is dynamic. The model's post-processing (pneumo.models.postprocess) and image
-size are stored in the file's metadata (`pneumo.postprocess`, `pneumo.image_size`).
+values 0.5 (pneumo.data.metadata). Outputs (the heads' declared names, pneumo.models.heads):
+`mask` (batch, 1, S, S) opacity logits, then `classes` (batch, 3) class logits with a classifier,
+then `centre` (batch, 5, S/4, S/4) with the centre head. The batch axis is dynamic. The model's
+post-processing (pneumo.models.postprocess) and image size are stored in the file's metadata
+(`pneumo.postprocess`, `pneumo.image_size`).
 """
 
 from __future__ import annotations

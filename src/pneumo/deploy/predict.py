@@ -311,7 +311,8 @@ def _assemble(files, part_path, out: Path, predictor: Predictor, gt, n_new: int,
         preds = read_submission(out / "submission.csv")
         scored = {pid: boxes for pid, boxes in gt.items() if pid in preds}
         score = mean_average_precision(scored, preds)
-        atomic_write_json(out / "score.json", {**score.to_dict(), "subgroups": subgroup_scores(scored, preds, attributes)})
+        atomic_write_json(out / "score.json",
+                          {**score.to_dict(), "subgroups": subgroup_scores(scored, preds, attributes)})
         summary["map"] = score.map
         summary["n_scored"] = score.n_images
     if any(dicom):

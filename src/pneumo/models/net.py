@@ -78,10 +78,15 @@ def _head_classes(config) -> list[type[Head]]:
     return [HEADS.get(name) for name in dict.fromkeys(names)]
 
 
+def encoder_class(name: str) -> type[Encoder]:
+    """A registered encoder."""
+    return ENCODERS.get(name)
+
+
 def check_config(config) -> None:
     """ConfigError naming what the config's parts refuse (an unknown encoder or head, a head the
     encoder cannot feed), without building anything."""
-    encoder = ENCODERS.get(config.encoder)
+    encoder = encoder_class(config.encoder)
     problems = list(encoder.check(config))
     strides = encoder.feature_strides(config)[:-1]  # the decoded levels
     for head in _head_classes(config):
@@ -93,9 +98,12 @@ def check_config(config) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def build_net(config) -> Net:
+def build_net(config, pretrained: bool = False) -> Net:
+    """The network of config. pretrained: load the encoder's weights (config.encoder_weights), for
+    a new training run; a checkpoint's network is built without them and given its own."""
     check_config(config)
-    return Net(ENCODERS.get(config.encoder)(config), _head_classes(config), config.head, config)
+    cls = encoder_class(config.encoder)
+    return Net(cls(config, pretrained=pretrained), _head_classes(config), config.head, config)
 
 
 # State-dict names of the single-module UNet (pneumo 0.x before the parts): its checkpoints load.

@@ -79,7 +79,8 @@ def decode_centres(heat: np.ndarray, log_size: np.ndarray, side: int, offsets: n
     ys, xs = ys[order], xs[order]
     w = np.exp(np.asarray(log_size[0], np.float32)[ys, xs]) * side
     h = np.exp(np.asarray(log_size[1], np.float32)[ys, xs]) * side
-    off_x, off_y = (np.asarray(offsets[0])[ys, xs], np.asarray(offsets[1])[ys, xs]) if offsets is not None else (0.5, 0.5)
+    off_x, off_y = ((np.asarray(offsets[0])[ys, xs], np.asarray(offsets[1])[ys, xs]) if offsets is not None
+                    else (0.5, 0.5))
     cx, cy = (xs + off_x) * stride, (ys + off_y) * stride
     boxes = np.stack([cx - w / 2, cy - h / 2, w, h], axis=1) if len(ys) else np.zeros((0, 4))
     return Candidates(boxes.astype(np.float64), heat[ys, xs].astype(np.float64), side)

@@ -24,7 +24,7 @@ class UNetEncoder(Encoder):
 
     name = "unet"
 
-    def __init__(self, config):
+    def __init__(self, config, pretrained: bool = False):  # no weights to load: trained from scratch
         super().__init__()
         self.channels = [config.width * 2**i for i in range(config.depth + 1)]
         self.strides = self.feature_strides(config)
@@ -35,6 +35,12 @@ class UNetEncoder(Encoder):
     @classmethod
     def feature_strides(cls, config) -> list[int]:
         return [2**i for i in range(config.depth + 1)]
+
+    @classmethod
+    def check(cls, config) -> list[str]:
+        if config.encoder_weights != "none":
+            return ["the unet encoder trains from scratch: encoder_weights must be none"]
+        return []
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = (x - 0.5) / 0.25  # grey levels are already 0..1

@@ -55,7 +55,8 @@ def execute_run(notebook: Path, run, run_dir: RunDir, slot: Slot | None, stop: t
         if returncode == 0 or not _kernel_did_not_start(run_dir.log, offset) or attempt == KERNEL_START_ATTEMPTS:
             break
         with open(run_dir.log, "a") as logfile:
-            logfile.write(f"=== the kernel did not start (attempt {attempt} of {KERNEL_START_ATTEMPTS}); starting again\n")
+            logfile.write(f"=== the kernel did not start (attempt {attempt} of {KERNEL_START_ATTEMPTS}); "
+                          "starting again\n")
     seconds = time.perf_counter() - start
     run_dir.write_process(seconds, returncode, kernel_starts=attempt)
     if returncode == 0 and run_dir.ended():

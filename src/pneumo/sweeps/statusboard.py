@@ -37,12 +37,14 @@ class StatusBoard:
             if status.get("state") == "done":
                 return "finishing (saving the executed notebook)"
             if status.get("epoch"):
-                return f"running epoch {status['epoch']}/{status.get('epochs', '?')}  val mAP {status.get('val_map', 0):.3f}"
+                return (f"running epoch {status['epoch']}/{status.get('epochs', '?')}"
+                        f"  val mAP {status.get('val_map', 0):.3f}")
             return "running (starting kernel)"
         if state == "done":
             return f"done  best val mAP {run_dir.metrics().get('best_val_map') or 0:.4f}"
         if state == "pruned":
-            return f"pruned at epoch {run_dir.metrics().get('pruned_at_epoch')}  best val mAP {run_dir.metrics().get('best_val_map') or 0:.4f}"
+            return (f"pruned at epoch {run_dir.metrics().get('pruned_at_epoch')}"
+                    f"  best val mAP {run_dir.metrics().get('best_val_map') or 0:.4f}")
         if state == "failed":
             return f"FAILED  {run_dir.failure().get('error', '')[:100]}"
         return state

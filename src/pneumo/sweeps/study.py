@@ -68,7 +68,8 @@ def parse_search(raw, base: dict, allowed: set[str], where: str) -> SearchSpec:
         raise SweepError(f"{where}: search must be a mapping with params:, trials:, sampler:, pruner:")
     unknown = set(raw) - SEARCH_KEYS
     if unknown:
-        raise SweepError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(SEARCH_KEYS))}")
+        raise SweepError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
+                         f"valid: {', '.join(sorted(SEARCH_KEYS))}")
     params = raw.get("params")
     if not isinstance(params, dict) or not params:
         raise SweepError(f"{where}: params: maps each searched parameter to a range or a list of choices")
@@ -91,11 +92,13 @@ def parse_search(raw, base: dict, allowed: set[str], where: str) -> SearchSpec:
 def _parse_pruner(raw, where: str) -> dict:
     pruner = {"type": raw} if isinstance(raw, str) or raw is None else dict(raw) if isinstance(raw, dict) else None
     if pruner is None or str(pruner.get("type")) not in PRUNERS:
-        raise SweepError(f"{where}: pruner must be one of {', '.join(PRUNERS)} (or a mapping with type: and its settings)")
+        raise SweepError(f"{where}: pruner must be one of {', '.join(PRUNERS)} "
+                         "(or a mapping with type: and its settings)")
     extra = set(pruner) - {"type"} - PRUNERS[pruner["type"]]
     if extra:
         valid = ", ".join(sorted(PRUNERS[pruner["type"]])) or "none"
-        raise SweepError(f"{where}: pruner {pruner['type']}: unknown setting(s) {', '.join(sorted(extra))}; valid: {valid}")
+        raise SweepError(f"{where}: pruner {pruner['type']}: unknown setting(s) {', '.join(sorted(extra))}; "
+                         f"valid: {valid}")
     whole = {k: isinstance(v, int) and not isinstance(v, bool) or (k == "lower" and isinstance(v, float))
              for k, v in pruner.items() if k != "type"}
     bad = [k for k, ok in whole.items() if not ok or pruner[k] < 0]
@@ -133,7 +136,8 @@ def _parse_distribution(name: str, spec, base: dict, allowed: set[str], where: s
             raise SweepError(f"{where}: low and high must be numbers with low < high (got {low!r}, {high!r})")
         if spec.get("log") and (low <= 0 or step not in (None, 1)):
             raise SweepError(f"{where}: log: true needs low > 0 and no step")
-        if step is not None and (not isinstance(step, (int, float)) or step <= 0 or (kind == "int" and step != int(step))):
+        if step is not None and (not isinstance(step, (int, float)) or step <= 0
+                                 or (kind == "int" and step != int(step))):
             raise SweepError(f"{where}: step must be a number > 0 (whole for an int parameter)")
         if kind == "int" and (low != int(low) or high != int(high)):
             raise SweepError(f"{where}: {name} is a whole number: low and high must be too")
@@ -162,8 +166,10 @@ def _kind(name: str, spec: dict, where: str) -> str:
 def data_variants(spec: SearchSpec, base: dict) -> list[dict]:
     """The base with each combination of the searched choices that pick a data cache, so each
     cache is prepared once before trials start (parallel trials never race to build one)."""
-    keys = [k for k in ("data_dir", "image_size", "val_fraction", "seed") if spec.space.get(k, {}).get("kind") == "categorical"]
-    return [{**base, **dict(zip(keys, combo))} for combo in itertools.product(*(spec.space[k]["choices"] for k in keys))]
+    keys = [k for k in ("data_dir", "image_size", "val_fraction", "seed")
+            if spec.space.get(k, {}).get("kind") == "categorical"]
+    return [{**base, **dict(zip(keys, combo))}
+            for combo in itertools.product(*(spec.space[k]["choices"] for k in keys))]
 
 
 # ---------------------------------------------------------------- study
@@ -321,7 +327,8 @@ class TrialSource:
             trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
             self.storage.record_heartbeat(trial_id)
             number = original_number(self.storage.get_trial(trial_id))
-            info = {"storage": self.url, "study": self.study.study_name, "trial": trial.number, "pruner": self.spec.pruner}
+            info = {"storage": self.url, "study": self.study.study_name, "trial": trial.number,
+                    "pruner": self.spec.pruner}
             run = self.make_run(trial_run_name(number), {**self.base, **trial.params}, {TRIAL_ENV: json.dumps(info)})
             self.running[run.name] = (trial, trial_id)
             if not self.beat.is_alive():

@@ -85,7 +85,8 @@ def load_sweep(path, data_dir=None) -> Sweep:
         raise SweepError(str(exc)) from None
     unknown = set(spec) - SPEC_KEYS
     if unknown:
-        raise SweepError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(SPEC_KEYS))}")
+        raise SweepError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; "
+                         f"valid: {', '.join(sorted(SPEC_KEYS))}")
     name = str(spec.get("name") or path.stem)
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]{0,99}", name):
         raise SweepError(f"{path}: sweep name {name[:120]!r} must be 1 to 100 letters, digits, '.', '_' or '-' "
@@ -97,8 +98,6 @@ def load_sweep(path, data_dir=None) -> Sweep:
     base = dict(spec.get("base") or {})
     if data_dir:
         base["data_dir"] = data_dir
-    from pneumo.models.net import check_config
-
     entries = list(spec.get("runs") or [])
     grid = spec.get("grid") or {}
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -122,10 +121,7 @@ def load_sweep(path, data_dir=None) -> Sweep:
         if missing:
             raise SweepError(f"{path}: run {run}: parameter(s) {', '.join(missing)} not in the parameters cell "
                              f"of {notebook.name}; valid: {', '.join(sorted(allowed - NOTEBOOK_ONLY_PARAMETERS))}")
-        try:  # the config's own checks, then its parts' (unknown encoder, a head the encoder cannot feed)
-            check_config(TrainConfig.from_dict(params, source=f"run {run}"))
-        except ConfigError as exc:
-            raise SweepError(f"{path}: {exc}") from None
+        _check_run(params, run, path)
         if "data_dir" in params:  # runs execute in their own run directory: make the path absolute
             params["data_dir"] = str(Path(str(params["data_dir"])).expanduser().resolve())
         runs.append(Run(run, params))
@@ -136,6 +132,16 @@ def load_sweep(path, data_dir=None) -> Sweep:
     if bad:
         raise SweepError(f"{path}: marathon: unknown parameter(s) {', '.join(sorted(bad))}")
     return Sweep(name, notebook.resolve(), base, runs, dict(marathon), search)
+
+
+def _check_run(params: dict, run: str, path: Path) -> None:
+    """The config's own checks, then its parts' (an unknown encoder, a head the encoder cannot feed)."""
+    from pneumo.models.net import check_config
+
+    try:
+        check_config(TrainConfig.from_dict(params, source=f"run {run}"))
+    except ConfigError as exc:
+        raise SweepError(f"{path}: {exc}") from None
 
 
 def _search_spec(spec: dict, base: dict, allowed: set[str], path: Path):
@@ -250,7 +256,8 @@ def sweep(params_file, out=None, data_dir=None, max_parallel: int | None = None,
                 print(f"sweep wall time {time.perf_counter() - start:.0f} s (ideal {ideal:.0f} s)", flush=True)
         rows = summarize(spec, runs_root, sweeps_root)
         failed = [r["run"] for r in rows if r["status"] not in ("done", "pruned")]
-        result = {"sweep": spec.name, "runs_dir": str(runs_root), "summary": str(sweeps_root / spec.name / "summary.md"),
+        result = {"sweep": spec.name, "runs_dir": str(runs_root),
+                  "summary": str(sweeps_root / spec.name / "summary.md"),
                   "failed": failed, "best": rows[0] if rows and rows[0]["status"] == "done" else None,
                   "search": spec.search is not None}
         if marathon:
@@ -331,7 +338,8 @@ def run_marathon(spec: Sweep, rows: list[dict], out: Path, executor) -> dict:
         write_extras,
     )
 
-    model_dir = export_model(run_dir, Outputs(out).models, spec.name, spec.name, extras=partial(write_extras, outputs=out))
+    model_dir = export_model(run_dir, Outputs(out).models, spec.name, spec.name,
+                             extras=partial(write_extras, outputs=out))
     complete_version(model_dir, outputs=out)  # a version exported before model.md and model.onnx existed
     return {"marathon_run": str(run_dir.path), "model": str(model_dir),
             "marathon_val_map": run_dir.metrics().get("best_val_map")}

@@ -26,7 +26,8 @@ def default_run_dir(config: TrainConfig) -> Path:
 def _check_run_dir(run_dir: RunDir, config: TrainConfig) -> Path | None:
     """The last checkpoint to resume from, None for a fresh run; RunError if run_dir is taken."""
     if run_dir.ended():
-        raise RunError(f"{run_dir.path}: a {'finished' if run_dir.finished() else 'pruned'} run; choose a new run directory")
+        raise RunError(f"{run_dir.path}: a {'finished' if run_dir.finished() else 'pruned'} run; "
+                       "choose a new run directory")
     changed = run_dir.changed_parameters(config.to_dict(), EXECUTION_FIELDS)
     if changed:
         raise RunError(f"{run_dir.path}: holds a run with other parameters ({', '.join(changed)}); "
@@ -77,7 +78,7 @@ def fit(config: TrainConfig, run_dir=None, callbacks=()) -> dict:
     from pneumo.data.datamodule import RsnaDataModule
     from pneumo.data.prepare import prepared_for
     from pneumo.models.module import OpacityModule
-    from pneumo.models.net import check_config
+    from pneumo.models.net import build_net, check_config
     from pneumo.training.callbacks import RunRecorder, ThreadShare, ValidationImages
 
     if not isinstance(config, TrainConfig):
@@ -95,7 +96,9 @@ def fit(config: TrainConfig, run_dir=None, callbacks=()) -> dict:
         torch.set_num_threads(config.threads)
     L.seed_everything(config.seed, workers=True, verbose=False)
     prepared = prepared_for(config)
-    module = OpacityModule(config.to_dict(), prepared.manifest["fingerprint"])
+    # the encoder's pretrained weights only for a fresh run: a resumed one has them in its checkpoint
+    net = build_net(config, pretrained=resume_from is None)
+    module = OpacityModule(config.to_dict(), prepared.manifest["fingerprint"], net=net)
     datamodule = RsnaDataModule(prepared, config, box_targets=module.net.box_targets)
     recorder = RunRecorder(run_dir, config.epochs)
     extra = list(callbacks)
