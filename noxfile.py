@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import subprocess
 import sys
@@ -15,38 +14,46 @@ nox.options.reuse_existing_virtualenvs = True
 # rounds); where it is missing, nox falls back to virtualenv and pip.
 nox.options.default_venv_backend = "uv|virtualenv"
 
-# Installed before anything that depends on torch: on a CPU machine this picks the local CPU
-# wheel; resolved later (as lightning's dependency) it would pull a multi-GB CUDA build.
-TORCH = os.environ.get("PNEUMO_TORCH", "torch==2.13.0")
+# Installed before anything that depends on torch: resolved later (as lightning's or timm's
+# dependency) torch would be whatever the registry has newest, a multi-GB download. torch 2.14.1
+# and torchvision 0.29.1 are the pair that import together (PyPI's torchvision fails beside the
+# 2.13.0 CPU wheel: "operator torchvision::nms does not exist"); timm needs torchvision.
+TORCH = os.environ.get("PNEUMO_TORCH", "torch==2.14.1 torchvision==0.29.1").split()
 
 
-def _pip_find_links() -> list[str]:
-    """The local wheel folders pip is configured with (pip config, PIP_FIND_LINKS): uv reads none of it."""
-    folders = os.environ.get("PIP_FIND_LINKS", "").split()
+def _pip_config() -> list[tuple[str, str]]:
     try:
         listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
                                 timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
         listed = ""
+    pairs = []
     for line in listed.splitlines():
         key, _, value = line.partition("=")
+        pairs += [(key, v) for v in value.strip().strip("'\"").split()]
+    return pairs
+
+
+def _pip_local_folders() -> list[str]:
+    """The local wheel folders pip is configured with (find-links, and the `files` folder beside a
+    file:// index's `simple` folder; PIP_FIND_LINKS too): uv reads none of pip's configuration."""
+    folders = os.environ.get("PIP_FIND_LINKS", "").split()
+    for key, value in _pip_config():
         if key.endswith("find-links"):
-            folders += value.strip().strip("'\"").split()
-    return [f.removeprefix("file://") for f in folders]
+            folders.append(value)
+        elif key.endswith("index-url") and value.startswith("file://") and value.rstrip("/").endswith("/simple"):
+            folders.append(value.rstrip("/")[: -len("simple")] + "files")
+    folders = [f.removeprefix("file://") for f in folders]
+    return [f for f in dict.fromkeys(folders) if os.path.isdir(f)]
 
 
-def _torch_requirement(session: nox.Session) -> str:
-    """TORCH, or under uv the local wheel pip would have taken for it: uv does not look in pip's
-    folders and would download the multi-GB CUDA build of the same version instead."""
-    name, _, version = TORCH.partition("==")
-    if session.venv_backend != "uv" or name != "torch" or not version:
+def _torch_install_args(session: nox.Session) -> list[str]:
+    """TORCH, and under uv pip's local wheel folders: without them uv downloads the same versions
+    (several GB) that lie on the machine's disk."""
+    if session.venv_backend != "uv":
         return TORCH
-    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"  # the session's python is nox's own
-    for folder in _pip_find_links():
-        wheels = sorted(glob.glob(os.path.join(folder, f"torch-{version}[+-]*{tag}-{tag}-*.whl")))
-        if wheels:
-            return wheels[0]
-    return TORCH
+    links = [arg for folder in _pip_local_folders() for arg in ("--find-links", folder)]
+    return [*links, *TORCH]
 
 
 # uv, unlike pip, does not compile bytecode when it installs. Where PYTHONDONTWRITEBYTECODE is set
@@ -56,7 +63,7 @@ COMPILE_BYTECODE = {"UV_COMPILE_BYTECODE": "1"}
 
 
 def install(session: nox.Session, extras: str = "dev") -> None:
-    session.install(_torch_requirement(session), env=COMPILE_BYTECODE)
+    session.install(*_torch_install_args(session), env=COMPILE_BYTECODE)
     session.install("-e", f".[{extras}]" if extras else ".", env=COMPILE_BYTECODE)
 
 
@@ -126,6 +133,6 @@ def tensorboard(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Run the benchmarks (JSON in outputs/bench/); `-- real [--data-dir DIR]` is the real-data one, never run by default."""
+    """Run the benchmarks (JSON in outputs/bench/); `-- real [--data-dir DIR]` (real data) never runs by default."""
     install(session)
     session.run("python", "benchmarks/run.py", *session.posargs, env={"PNEUMO_NO_PROGRESS": "1"})

@@ -139,7 +139,8 @@ def _write_part(src: Path, dst: Path, pids: set[str], images: dict[str, Path]) -
         if not (src / name).is_file():
             continue
         header, rows = _csv_lines(src / name)
-        text = header + "".join(line if line.endswith(("\n", "\r")) else line + "\n" for pid, line in rows if pid in pids)
+        text = header + "".join(line if line.endswith(("\n", "\r")) else line + "\n"
+                                for pid, line in rows if pid in pids)
         (dst / name).write_text(text, encoding="utf-8")
 
 
@@ -226,18 +227,24 @@ def run_split(config, split_dir: Path, run_dir: Path, seed: int) -> dict:
     predict_s = time.perf_counter() - t0
     counts = _image_counts(predictions / "annotations.json", test_dir / LABELS)
     score = json.loads((predictions / "score.json").read_text())  # the official mAP, as predict wrote it
+    # the same model with horizontal-flip test-time augmentation (predict --tta), on the same images
+    flipped = run_dir / "test-predictions-tta"
+    predict_folder(run_dir, test_dir / IMAGES, flipped, labels=test_dir / LABELS, save_images=False, tta=True)
+    tta_map = json.loads((flipped / "score.json").read_text())["map"]
     result = {
         "seed": seed, "n_dev": info["n_dev"], "n_test": info["n_test"],
         "n_test_positive": info["classes"]["test"].get(POSITIVE, 0),
-        "test_map": score["map"], "val_map": metrics.get("best_val_map"), "threshold": metrics.get("threshold"),
+        "test_map": score["map"], "test_map_tta": tta_map, "val_map": metrics.get("best_val_map"),
+        "threshold": metrics.get("threshold"),
         "train_seconds": metrics.get("wall_time_s"), "predict_seconds": round(predict_s, 1),
         "train_images_per_s": metrics.get("train_images_per_s"), "epochs_done": metrics.get("epochs_done"),
         "best_epoch": metrics.get("best_epoch"), "stopped_early": metrics.get("stopped_early"),
-        "n_train": metrics.get("n_train"), "n_val": metrics.get("n_val"), "n_scored": score.get("n_images", summary.get("n_scored")),
+        "n_train": metrics.get("n_train"), "n_val": metrics.get("n_val"),
+        "n_scored": score.get("n_images", summary.get("n_scored")),
         "n_errors": summary.get("n_errors"), **counts, "run_dir": str(run_dir),
     }
     atomic_write_json(result_file, {"config": config.to_dict(), "result": result})
-    print(f"split {seed}: test mAP {result['test_map']:.4f}  val mAP {result['val_map']}  "
+    print(f"split {seed}: test mAP {result['test_map']:.4f} (flip TTA {tta_map:.4f})  val mAP {result['val_map']}  "
           f"false-positive images {counts['fp_images']}/{counts['n_test_negative']}", flush=True)
     return result
 
@@ -318,8 +325,10 @@ def parser() -> argparse.ArgumentParser:
                    help="TrainConfig params file: params/<NAME>.yaml or a path (default: %(default)s)")
     p.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig field (repeatable), as `pneumo train -p`")
-    p.add_argument("--splits", type=int, default=MIN_SPLITS, help="repeated splits, seeds 0..N-1 (default: %(default)s)")
-    p.add_argument("--test-fraction", type=float, default=0.25, help="held-out part of each class (default: %(default)s)")
+    p.add_argument("--splits", type=int, default=MIN_SPLITS,
+                   help="repeated splits, seeds 0..N-1 (default: %(default)s)")
+    p.add_argument("--test-fraction", type=float, default=0.25,
+                   help="held-out part of each class (default: %(default)s)")
     p.add_argument("--label", help="name of the result row (default: profile name plus the overrides)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: outputs/bench)")
     return p
@@ -364,7 +373,8 @@ def main(argv=None) -> int:
         return 1
     for name in ("data_dir", "seed"):
         if getattr(base, name) != getattr(type(base)(), name):
-            print(f"real: note: {name} is set per split by the benchmark; the profile's value is ignored", file=sys.stderr)
+            print(f"real: note: {name} is set per split by the benchmark; the profile's value is ignored",
+                  file=sys.stderr)
 
     start = time.perf_counter()
     fingerprint = data_fingerprint(data_dir, args.test_fraction)
@@ -397,7 +407,8 @@ def main(argv=None) -> int:
                                        else profile.resolve()),
         "overrides": args.overrides, "config": resolved,
         "command": shlex.join(["nox", "-s", "bench", "--", "real", *argv]),
-        "data_dir": str(data_dir), "data_fingerprint": fingerprint, "n_patients": per_split[0]["n_dev"] + per_split[0]["n_test"],
+        "data_dir": str(data_dir), "data_fingerprint": fingerprint,
+        "n_patients": per_split[0]["n_dev"] + per_split[0]["n_test"],
         "splits": args.splits, "test_fraction": args.test_fraction,
         "test_map_mean": test_mean, "test_map_std": test_std, "val_map_mean": val_mean, "val_map_std": val_std,
         "per_split": per_split,

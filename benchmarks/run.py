@@ -5,6 +5,7 @@ same run and writes outputs/bench/<name>.json with the figures and the command t
     nox -s bench -- score loader      # some of: score prepare startup loader train predict sweep serve
     nox -s bench -- real [--data-dir DIR] [--profile NAME] [-p key=value ...] [--splits N] [--label NAME]
     nox -s bench -- search [--trials N] [--epochs E]   # ASHA vs no pruning (benchmarks/search.py)
+    nox -s bench -- gpu [--minutes M] [--smoke]        # the GPU check (benchmarks/gpu.py)
 
 `real` (benchmarks/real.py) is the real-data benchmark that decides model changes: it trains a
 profile on several patient splits of the real RSNA data (default ../shared/rsna-real) and writes
@@ -368,7 +369,7 @@ BENCHES = {"score": bench_score, "prepare": bench_prepare, "startup": bench_star
 
 
 def main(argv: list[str]) -> int:
-    if argv and argv[0] in ("real", "scale", "search"):  # these take their own arguments (search: minutes, named alone)
+    if argv and argv[0] in ("real", "scale", "search", "gpu"):  # their own arguments (search: minutes, named alone)
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import importlib
 

@@ -174,3 +174,21 @@ def test_a_png_that_cannot_be_written_stops_the_run_and_leaves_its_image_to_redo
     summary = predict_folder(tiny_run, images, out, workers=0)
     assert summary["n_predicted"] == 8 and (out / "images" / f"{victim}.png").is_file()
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # only the victim was redone
+
+
+def test_a_small_file_describing_a_huge_network_fails_before_allocating(tmp_path):
+    """A 1 KB checkpoint whose config says width 192, depth 6 (a 23 GB build, once) is refused from
+    the shapes alone: the network is first built on the meta device."""
+    import resource
+
+    import torch
+
+    from pneumo.config import TrainConfig
+
+    path = tmp_path / "huge.ckpt"
+    torch.save({"hyper_parameters": {"config": TrainConfig(width=192, depth=6, image_size=128).to_dict()},
+                "state_dict": {"net.encoder.inc.0.weight": torch.zeros(1)}}, path)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ModelError, match="weights that do not fit the config's network: .* tensors missing"):
+        load_predictor(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KB: nothing near the network

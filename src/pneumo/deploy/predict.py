@@ -105,7 +105,7 @@ def load_predictor(model, threshold: float | None = None, min_box_area: float | 
     """
     import torch
 
-    from pneumo.models.net import build_net, load_weights
+    from pneumo.models.net import net_for_weights
 
     if threshold is not None and not 0 < threshold < 1:
         raise ConfigError(f"threshold {threshold:g}: must be a probability between 0 and 1")
@@ -116,8 +116,7 @@ def load_predictor(model, threshold: float | None = None, min_box_area: float | 
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         config = TrainConfig.from_dict(ckpt["hyper_parameters"]["config"])
         state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-        net = build_net(config)
-        load_weights(net, state)
+        net = net_for_weights(config, state)
     except Exception as exc:  # torch raises many types for files that are not pneumo checkpoints
         detail = " ".join(str(exc).split())  # torch lists every mismatched tensor on its own line
         raise ModelError(f"{ckpt_path}: not a pneumo checkpoint, or weights that do not fit its config "

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import pneumo.models.unet  # noqa: F401  (registers the unet encoder)
-from pneumo.errors import ConfigError
+from pneumo.errors import ConfigError, ModelError
 from pneumo.models.encoders import ENCODERS, Encoder
 from pneumo.models.heads import HEADS, FeatureInfo, Features, Head
 from pneumo.models.unet import UNetDecoder
@@ -79,8 +79,15 @@ def _head_classes(config) -> list[type[Head]]:
 
 
 def encoder_class(name: str) -> type[Encoder]:
-    """A registered encoder."""
-    return ENCODERS.get(name)
+    """A registered encoder, else a timm model name (pneumo.models.timm_encoder)."""
+    if name in ENCODERS:
+        return ENCODERS.get(name)
+    from pneumo.models.timm_encoder import TimmEncoder, is_timm_model
+
+    if is_timm_model(name):
+        return TimmEncoder
+    raise ConfigError(f"unknown encoder {name!r}; one of: {', '.join(ENCODERS.names())}, "
+                      "or a timm model name (python -c 'import timm; print(timm.list_models())')")
 
 
 def check_config(config) -> None:
@@ -112,15 +119,40 @@ _LEGACY_PREFIXES = (("inc.", "encoder.inc."), ("down.", "encoder.down."), ("up."
                     ("classifier.", "heads.classifier.layers."))
 
 
+def _current_names(state: dict) -> dict:
+    """state with the names of checkpoints written before the parts existed renamed."""
+    if not state or any(k.startswith(("encoder.", "decoder.", "heads.")) for k in state):
+        return state
+    renamed = {}
+    for key, value in state.items():
+        for old, new in _LEGACY_PREFIXES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        renamed[key] = value
+    return renamed
+
+
 def load_weights(net: Net, state: dict) -> None:
     """load_state_dict, accepting the names of checkpoints written before the parts existed."""
-    if state and not any(k.startswith(("encoder.", "decoder.", "heads.")) for k in state):
-        renamed = {}
-        for key, value in state.items():
-            for old, new in _LEGACY_PREFIXES:
-                if key.startswith(old):
-                    key = new + key[len(old):]
-                    break
-            renamed[key] = value
-        state = renamed
+    net.load_state_dict(_current_names(state))
+
+
+def net_for_weights(config, state: dict) -> Net:
+    """The network of config holding state's weights. The config's network is first built on the
+    meta device (no memory) and its tensors compared with state's, so a small file whose config
+    describes a huge network fails in one line before anything is allocated."""
+    state = _current_names(state)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build_net(config).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found != expected:
+        missing = [k for k in expected if k not in found]
+        unexpected = [k for k in found if k not in expected]
+        wrong = [k for k in expected if k in found and found[k] != expected[k]]
+        example = (missing or unexpected or wrong)[0]
+        raise ModelError(f"weights that do not fit the config's network: {len(missing)} of {len(expected)} tensors "
+                         f"missing, {len(unexpected)} unexpected, {len(wrong)} of another shape (e.g. {example})")
+    net = build_net(config)
     net.load_state_dict(state)
+    return net
