@@ -95,3 +95,108 @@ def test_synth_never_writes_into_a_folder_holding_other_data(tmp_path):
     own = tmp_path / "synth"
     for n in (3, 4):  # its own directory it may write again
         assert _run("synth", own, "--n-train", n, "--n-test", "1", "--size", "64").returncode == 0
+
+
+def _parsers():
+    """(name, parser) for pneumo itself and every subcommand."""
+    import argparse
+
+    from pneumo.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return [("pneumo", parser), *commands.choices.items()]
+
+
+def test_every_argument_of_every_command_has_help_and_no_none_default():
+    import argparse
+
+    missing = [f"{name} {action.dest}" for name, parser in _parsers() for action in parser._actions
+               if not isinstance(action, argparse._HelpAction) and not action.help]
+    assert not missing, missing
+    (_, top), *commands = _parsers()
+    (listed,) = [a for a in top._actions if isinstance(a, argparse._SubParsersAction)]
+    assert all(choice.help for choice in listed._choices_actions)  # each command's line in `pneumo --help`
+    for name, parser in commands:
+        text = parser.format_help()
+        assert "None" not in text and "default: False" not in text, (name, text)
+    synth = " ".join(dict(commands)["synth"].format_help().split())  # unwrapped
+    assert "(default: 400)" in synth and "(default: 1024)" in synth
+
+
+def test_version():
+    import pneumo
+
+    out = _run("--version")
+    assert out.returncode == 0 and out.stdout == f"pneumo {pneumo.__version__}\n", out
+
+
+def test_params_lists_every_training_parameter(capsys):
+    import json
+
+    from pneumo.cli import main
+    from pneumo.config import TrainConfig
+    from pneumo.models.heads import HEADS
+    from pneumo.optimizers import OPTIMIZERS
+
+    assert main(["params"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert list(lines) == TrainConfig.names()
+    default = TrainConfig()
+    assert lines["optimizer"].split()[2] == default.optimizer and all(o in lines["optimizer"] for o in OPTIMIZERS)
+    assert lines["epochs"].split()[1:] == ["int", str(default.epochs)]
+    assert lines["lr"].split()[1:] == ["float", "or", "null", "null"]
+    assert lines["augment"].split()[1:] == ["bool", "true"]
+
+    assert main(["params", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == TrainConfig.names()
+    assert {r["name"]: r["default"] for r in rows} == default.to_dict()
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["optimizer"]["choices"] == list(OPTIMIZERS) and by_name["data_dir"]["choices"] is None
+    heads = by_name["head"]["choices"]
+    assert default.head in heads and all(HEADS.get(h).decodes_boxes for h in heads)
+    assert by_name["threshold"]["type"] == "float" and by_name["augment"]["type"] == "bool"
+
+
+def test_train_help_points_to_params():
+    out = _run("train", "--help")
+    assert out.returncode == 0 and "`pneumo params`" in out.stdout and "-p lr=" in out.stdout
+    assert "max_time" in out.stdout.split("lists their types")[1]  # the epilog names the parameters too
+
+
+def test_data_dir_option_works_like_the_positional(tmp_path):
+    from pneumo.cli import build_parser
+
+    small = ["--n-train", "4", "--n-test", "2", "--size", "64"]
+    assert _run("synth", tmp_path / "a", *small).returncode == 0
+    out = _run("synth", "--data-dir", tmp_path / "b", *small)
+    assert out.returncode == 0 and f"DICOMs to {tmp_path / 'b'}" in out.stdout, out.stderr
+    labels = "stage_2_train_labels.csv"
+    assert (tmp_path / "a" / labels).read_text() == (tmp_path / "b" / labels).read_text()
+    out = _run("validate", "--data-dir", tmp_path / "b")
+    assert out.returncode == 0 and "4 usable labelled train images" in out.stdout, out.stderr
+    for command in ("synth", "validate", "prepare"):
+        args = build_parser().parse_args([command, "--data-dir", "x"])
+        assert (args.dir, str(args.data_dir)) == (None, "x")
+
+
+def test_data_dir_twice_or_never_is_one_usage_error(tmp_path, capsys):
+    import pytest
+
+    from pneumo.cli import main
+
+    out = _run("synth", tmp_path / "a", "--data-dir", tmp_path / "b")
+    errors = [line for line in out.stderr.splitlines() if "error" in line]
+    assert out.returncode == 2 and len(errors) == 1 and "--data-dir" in errors[0] and "DIR" in errors[0], out.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    for argv in (["validate", "a", "--data-dir", "b"], ["prepare", "--data-dir", "b", "a"], ["prepare"], ["synth"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert exit_.value.code == 2 and len(errors) == 1 and "--data-dir" in errors[0], (argv, errors)
+
+
+def test_synth_refuses_a_size_below_its_minimum(tmp_path):
+    out = _run("synth", tmp_path / "d", "--size", "32")
+    assert out.returncode == 2 and "must be at least 64" in out.stderr and "Traceback" not in out.stderr

@@ -7,37 +7,65 @@ without torch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import types
+import typing
 from pathlib import Path
 
+from pneumo import __version__
 from pneumo.errors import PneumoError
 
 log = logging.getLogger("pneumo")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
-    return value
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text}: must be at least {minimum}")
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in "invalid int value"
+    return parse
+
+
+_positive_int = _int_at_least(1)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows the defaults that say something: not None (the help says what happens then), not a
+    flag's False, not one the help already states; descriptions and epilogs keep their lines."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _data_dir(args) -> Path:
+    """The data folder, given as the positional DIR or as --data-dir (argparse refuses both and neither)."""
+    return args.dir if args.dir is not None else args.data_dir
 
 
 def cmd_synth(args) -> int:
     from pneumo.data.synth import make_dataset
 
-    result = make_dataset(args.dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
+    folder = _data_dir(args)
+    result = make_dataset(folder, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
                           size=args.size, workers=args.workers)
     counts = ", ".join(f"{v} {k}" for k, v in result["classes"].items())
-    print(f"wrote {result['train']} train ({counts}) and {result['test']} test DICOMs to {args.dir}")
+    print(f"wrote {result['train']} train ({counts}) and {result['test']} test DICOMs to {folder}")
     return 0
 
 
 def cmd_validate(args) -> int:
     from pneumo.data.validate import validate
 
-    report = validate(args.dir, workers=args.workers)
+    folder = _data_dir(args)
+    report = validate(folder, workers=args.workers)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -48,7 +76,7 @@ def cmd_validate(args) -> int:
         print(f"{report.n_train_images} train and {report.n_test_images} test files, "
               f"{report.n_usable_train} usable labelled train images; {summary}")
     if not report.usable:
-        print(f"pneumo: error: {args.dir}: not usable: {report.fatal}", file=sys.stderr)
+        print(f"pneumo: error: {folder}: not usable: {report.fatal}", file=sys.stderr)
         return 1
     return 0
 
@@ -59,7 +87,7 @@ def cmd_prepare(args) -> int:
 
     client, cluster = dask_client(args.cluster, cluster_file=args.cluster_file) if args.cluster else (None, None)
     try:
-        prepared = prepare(args.dir, out=args.out, image_size=args.image_size, val_fraction=args.val_fraction,
+        prepared = prepare(_data_dir(args), out=args.out, image_size=args.image_size, val_fraction=args.val_fraction,
                            seed=args.seed, workers=args.workers, force=args.force, client=client)
     finally:
         close(client, cluster)
@@ -146,63 +174,166 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_params(args) -> int:
+    from pneumo.models.heads import HEADS  # imports torch: the heads register themselves on import
+
+    rows = train_parameters([n for n in HEADS.names() if HEADS.get(n).decodes_boxes])  # the box heads
+    print(json.dumps(rows, indent=2) if args.json else format_parameters(rows))
+    return 0
+
+
+def _type_name(hint) -> str:
+    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)  # config's own wording
+
+
+def train_parameters(head_names) -> list[dict]:
+    """TrainConfig's fields as [{name, type, default, choices}]; choices: the accepted values, a
+    sentence where the set is open (encoder), None where the config does not restrict the value."""
+    from pneumo.config import LOSSES, POSTPROCESS, PRECISIONS, TrainConfig
+    from pneumo.optimizers import OPTIMIZERS, SCHEDULERS
+
+    choices = {"optimizer": list(OPTIMIZERS), "scheduler": list(SCHEDULERS), "loss": list(LOSSES),
+               "postprocess": list(POSTPROCESS), "precision": list(PRECISIONS), "head": list(head_names),
+               "encoder": "unet or a timm model name"}
+    hints = typing.get_type_hints(TrainConfig)
+    return [{"name": f.name, "type": _type_name(hints[f.name]),
+             "default": f.default if f.default is not dataclasses.MISSING else f.default_factory(),
+             "choices": choices.get(f.name)} for f in dataclasses.fields(TrainConfig)]
+
+
+def _cell(value) -> str:
+    """A value as `-p key=value` takes it (null, true, 0.0001); a list of choices comma-separated."""
+    if isinstance(value, str):
+        return value
+    return ", ".join(value) if isinstance(value, list) else json.dumps(value)
+
+
+def format_parameters(rows) -> str:
+    """A header, then one parameter a line in columns: name, type, default, choices."""
+    table = [("name", "type", "default", "choices")]
+    table += [(r["name"], r["type"], _cell(r["default"]), "" if r["choices"] is None else _cell(r["choices"]))
+              for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    return "\n".join("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[3]]).rstrip() for row in table)
+
+
 def _add_cluster_options(parser, verb: str) -> None:
     parser.add_argument("--cluster", default=None, metavar="WHERE",
                         help=f"{verb} on Dask: 'local', 'slurm', 'htcondor', 'pbs' (params/cluster/<kind>.yaml) "
-                             "or a scheduler address")
-    parser.add_argument("--cluster-file", type=Path, default=None,
+                             "or a scheduler address (default: here, without Dask)")
+    parser.add_argument("--cluster-file", type=Path, default=None, metavar="FILE",
                         help="cluster YAML (default params/cluster/<kind>.yaml)")
+
+
+def _add_data_dir(parser, what: str) -> None:
+    """The data folder: a positional DIR, or --data-dir DIR as train and sweep spell it; one of them."""
+    either = parser.add_mutually_exclusive_group(required=True)
+    either.add_argument("dir", type=Path, nargs="?", metavar="DIR", help=f"{what} (or --data-dir DIR)")
+    either.add_argument("--data-dir", type=Path, default=None, metavar="DIR", help="the same as DIR: give one of them")
+
+
+def _workers_option(parser, default: str = "one per CPU core") -> None:
+    parser.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                        help=f"processes (default: {default})")
+
+
+def _add_model_options(parser) -> None:
+    """The model and its box settings, for predict and serve."""
+    parser.add_argument("model", type=Path, metavar="MODEL", help="run dir, model dir (outputs/models/<name>[/vN]) "
+                        "or .ckpt file")
+    parser.add_argument("--threshold", type=float, default=None, metavar="P",
+                        help="box probability threshold (default: the model's)")
+    parser.add_argument("--min-box-area", type=float, default=None, metavar="PX",
+                        help="smallest box kept, in pixels of the original image (default: the model's)")
+
+
+def _train_epilog() -> str:
+    import textwrap
+
+    from pneumo.config import TrainConfig  # imports no torch
+
+    names = textwrap.fill(", ".join(TrainConfig.names()), width=78, initial_indent="  ", subsequent_indent="  ")
+    return ("training parameters (`pneumo params` lists their types, defaults and choices):\n"
+            f"{names}\n\nexamples:\n"
+            "  pneumo train --data-dir outputs/synth -p epochs=2 -p image_size=64\n"
+            "  pneumo train --params params/real-cpu.yaml -p optimizer=sgd -p lr=0.01\n"
+            "  (-p values are YAML: -p lr=null, -p augment=false)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     # pneumo.config imports no torch; prepare's defaults are the training defaults
     from pneumo.config import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="pneumo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="pneumo", description=__doc__.split("\n\n")[0],
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print pneumo's version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="`pneumo COMMAND --help` tells its arguments")
 
-    p = sub.add_parser("synth", help="write a synthetic RSNA-layout dataset")
-    p.add_argument("dir", type=Path)
-    p.add_argument("--n-train", type=_positive_int, default=400)
-    p.add_argument("--n-test", type=_positive_int, default=60)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=1024, help="image side in pixels (RSNA: 1024)")
-    p.add_argument("--workers", type=_positive_int, default=None)
+    def command(name: str, text: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
+                              formatter_class=_HelpFormatter, **kwargs)
+
+    p = command("synth", "write a synthetic RSNA-layout dataset")
+    _add_data_dir(p, "folder to write into: new, empty, or one synth wrote")
+    p.add_argument("--n-train", type=_positive_int, default=400, metavar="N", help="labelled training images")
+    p.add_argument("--n-test", type=_positive_int, default=60, metavar="N",
+                   help="test images (labels in stage_2_test_labels.csv)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed: the same seed writes the same images")
+    p.add_argument("--size", type=_int_at_least(64), default=1024, metavar="PX",  # make_dataset's minimum
+                   help="image side in pixels, at least 64 (RSNA: 1024)")
+    _workers_option(p)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("validate", help="report what is wrong in a data directory, file by file")
-    p.add_argument("dir", type=Path)
+    p = command("validate", "report what is wrong in a data directory, file by file")
+    _add_data_dir(p, "RSNA-layout data folder")
     p.add_argument("--json", action="store_true", help="machine-readable report")
-    p.add_argument("--workers", type=_positive_int, default=None)
+    _workers_option(p)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("prepare", help="decode the training images once into a cache")
-    p.add_argument("dir", type=Path)
-    p.add_argument("--out", type=Path, default=None, help="default: outputs/data/<fingerprint>")
-    p.add_argument("--image-size", type=_positive_int, default=TrainConfig.image_size,
+    p = command("prepare", "decode the training images once into a cache")
+    _add_data_dir(p, "RSNA-layout data folder")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="cache folder (default: outputs/data/<fingerprint>)")
+    p.add_argument("--image-size", type=_positive_int, default=TrainConfig.image_size, metavar="PX",
                    help="side in pixels (default: the training default, %(default)s)")
-    p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction)
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--workers", type=_positive_int, default=None)
+    p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction, metavar="F",
+                   help="share of the labelled images held out for validation (default: the training default, "
+                        "%(default)s)")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed, metavar="N",
+                   help="seed of the train/validation split (default: the training default, %(default)s)")
+    _workers_option(p)
     p.add_argument("--force", action="store_true", help="rebuild even if the inputs are unchanged")
     _add_cluster_options(p, "decode")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train one run (the same fit() as notebooks/02-train.ipynb)")
-    p.add_argument("--data-dir", type=Path, default=None, help="RSNA data dir or prepared dir")
-    p.add_argument("--out", type=Path, default=None, help="run directory (default outputs/runs/train/<stamp>)")
-    p.add_argument("--params", type=Path, default=None, help="YAML file of TrainConfig parameters")
-    p.add_argument("-p", action="append", metavar="KEY=VALUE", help="override one parameter (repeatable)")
+    p = command("train", "train one run (the same fit() as notebooks/02-train.ipynb)", epilog=_train_epilog())
+    p.add_argument("--data-dir", type=Path, default=None, metavar="DIR",
+                   help="RSNA data dir or prepared dir (default: the parameters' data_dir, "
+                        f"else {TrainConfig.data_dir})")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="run directory (default outputs/runs/train/<stamp>)")
+    p.add_argument("--params", type=Path, default=None, metavar="FILE",
+                   help="YAML file of training parameters (default: none, TrainConfig's defaults)")
+    p.add_argument("-p", action="append", metavar="KEY=VALUE",
+                   help="set one training parameter, over --params (repeatable; `pneumo params` lists them)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sweep", help="papermill runs of notebooks/02-train.ipynb in parallel, one per parameter set")
+    p = command("params", "list the training parameters: name, type, default, choices")
+    p.add_argument("--json", action="store_true", help="a JSON list of {name, type, default, choices}")
+    p.set_defaults(func=cmd_params)
+
+    p = command("sweep", "papermill runs of notebooks/02-train.ipynb in parallel, one per parameter set")
     p.add_argument("params", type=Path, help="sweep file, e.g. params/optimizers.yaml")
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="outputs root: runs/<sweep>/, sweeps/<sweep>/ (summary), models/<sweep>/, data/ "
                         "(default: $PNEUMO_OUTPUTS, else the nearest outputs/ folder, else ./outputs)")
-    p.add_argument("--data-dir", default=None, help="RSNA data directory (overrides the file's data_dir)")
-    p.add_argument("--max-parallel", type=_positive_int, default=None,
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="RSNA data directory (default: the sweep file's data_dir, else the training default)")
+    p.add_argument("--max-parallel", type=_positive_int, default=None, metavar="N",
                    help="runs at once (default: one per GPU, else one per CPU core)")
     p.add_argument("--resume", action="store_true", help="finish the runs that are not done")
     p.add_argument("--marathon", action="store_true", help="then train the best run longer into a model")
@@ -212,34 +343,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_options(p, "run")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("predict", help="boxes for a folder of DICOMs: submission.csv, annotations.json, PNGs")
-    p.add_argument("model", type=Path, help="run dir, model dir (outputs/models/<name>[/vN]) or .ckpt file")
-    p.add_argument("images_dir", type=Path)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--threshold", type=float, default=None, help="box probability threshold (default: the model's)")
-    p.add_argument("--min-box-area", type=float, default=None, help="in original pixels (default: the model's)")
+    p = command("predict", "boxes for a folder of DICOMs: submission.csv, annotations.json, PNGs")
+    _add_model_options(p)  # MODEL first: the positionals go in the order they are added
+    p.add_argument("images_dir", type=Path, metavar="IMAGES_DIR", help="folder of DICOM files")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the outputs")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
-    p.add_argument("--labels", type=Path, default=None, help="labels CSV: draw ground truth and score")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: up to 2)")
+    p.add_argument("--labels", type=Path, default=None, metavar="CSV", help="labels CSV: draw ground truth and score")
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="images per forward pass")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="decoding processes (default: up to 2)")
     p.add_argument("--no-images", action="store_true", help="skip the annotated PNGs")
     p.add_argument("--dicom-sr", action="store_true", help="DICOM SR (TID 1500) of the boxes: OUT/sr/<patientId>.dcm")
     p.add_argument("--dicom-gsps", action="store_true",
                    help="DICOM presentation state drawing the boxes: OUT/gsps/<patientId>.dcm")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("serve", help="HTTP service: POST /predict a DICOM, get boxes")
-    p.add_argument("model", type=Path)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--threshold", type=float, default=None)
-    p.add_argument("--min-box-area", type=float, default=None)
+    p = command("serve", "HTTP service: POST /predict a DICOM, get boxes")
+    _add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("score", help="official RSNA mAP of a submission against labels")
-    p.add_argument("submission", type=Path)
-    p.add_argument("labels", type=Path)
-    p.add_argument("--json", action="store_true")
+    p = command("score", "official RSNA mAP of a submission against labels")
+    p.add_argument("submission", type=Path, metavar="SUBMISSION", help="submission CSV: patientId,PredictionString")
+    p.add_argument("labels", type=Path, metavar="LABELS", help="labels CSV: patientId,x,y,width,height,Target")
+    p.add_argument("--json", action="store_true", help="machine-readable score")
     p.add_argument("--per-image", action="store_true", help="with --json: per-image scores too")
     p.set_defaults(func=cmd_score)
     return parser
