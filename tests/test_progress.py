@@ -1,4 +1,5 @@
-"""pneumo.progress: a bar on a terminal only, and the items unchanged either way."""
+"""pneumo.progress: track()'s bar on a terminal only, and the items unchanged either way; Lightning's
+training bar on a terminal or in a Jupyter kernel; none when switched off."""
 
 import os
 import subprocess
@@ -6,7 +7,7 @@ import sys
 
 import pytest
 
-from pneumo.progress import progress_enabled, track
+from pneumo.progress import in_notebook, progress_enabled, track, training_bar_enabled
 
 _CHILD = """
 import sys
@@ -65,3 +66,39 @@ def test_track_stops_when_the_caller_stops():
         if item == 2:
             break
     assert consumed == [0, 1, 2]
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """This process as a Jupyter kernel sees itself: ipykernel imported, IPython's shell with a kernel."""
+    import types
+
+    shell = types.SimpleNamespace(kernel=object())
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: shell))
+    monkeypatch.delenv("PNEUMO_NO_PROGRESS", raising=False)
+
+
+def test_the_training_bar_shows_in_a_notebook_unless_switched_off(kernel, monkeypatch):
+    assert in_notebook() and training_bar_enabled()
+    assert not progress_enabled()  # track()'s rich bars stay terminal-only
+    monkeypatch.setenv("PNEUMO_NO_PROGRESS", "1")  # a sweep's run (pneumo.sweeps.runner), tests
+    assert not training_bar_enabled()
+
+
+def test_no_training_bar_in_a_plain_process_without_a_terminal(monkeypatch):
+    monkeypatch.delenv("PNEUMO_NO_PROGRESS", raising=False)
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)  # a script, even one that imported IPython
+    assert not in_notebook() and not training_bar_enabled()
+
+
+@pytest.mark.slow  # starts a real Jupyter kernel
+def test_a_real_kernel_is_a_notebook(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    cell = "from pneumo.progress import in_notebook, training_bar_enabled\nprint(in_notebook(), training_bar_enabled())"
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell)])
+    env = {k: v for k, v in os.environ.items() if k != "PNEUMO_NO_PROGRESS"}
+    NotebookClient(notebook, kernel_name="python3", timeout=120).execute(env=env)
+    assert notebook.cells[0].outputs[0]["text"].strip() == "True True"

@@ -56,6 +56,9 @@ class TrainConfig:
     classifier: bool = False  # image-level opacity head on the deepest features; gates the boxes
     metadata: bool = True  # the classifier also sees view position, sex and age
     class_weight: float = 1.0  # weight of the classifier's cross-entropy beside the mask loss
+    # decay of an exponential moving average of the weights (Lightning's EMAWeightAveraging): validation,
+    # checkpoints and predictions use the average; 0: off
+    ema: float = 0.0
     postprocess: str = "threshold"  # search | gate | threshold | fixed (see POSTPROCESS)
     threshold: float = 0.5  # probability threshold for boxes (the start value when searched)
     min_box_area: float = 1000.0  # in pixels of the original image frame (RSNA: 1024 x 1024)
@@ -85,6 +88,7 @@ class TrainConfig:
             (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
             (0 < self.threshold < 1, "threshold must be in (0, 1)"),
             (self.class_weight >= 0, "class_weight must be >= 0"),
+            (0 <= self.ema < 1, "ema must be in [0, 1) (0: off)"),
             (self.postprocess in POSTPROCESS, f"postprocess must be one of {', '.join(POSTPROCESS)}"),
             (self.min_box_area >= 0, "min_box_area must be >= 0"),
             (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),

@@ -133,14 +133,14 @@ def test_four_trial_search_prunes_and_records_a_failing_trial(tmp_path, synth_di
         metrics = run.metrics()
         assert metrics["pruned_at_epoch"] == 1 == metrics["epochs_done"] and list(trial.intermediate_values) == [1]
         assert trial.intermediate_values[1] == metrics["history"][0]["val_map"]
-        assert run.last_checkpoint.is_file() and run.notebook.is_file() and (run.path / "tensorboard").is_dir()
+        assert run.last_checkpoint.is_file() and run.notebook.is_file() and run.events_dir == run.path
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
     mux = EventMultiplexer()
     mux.AddRunsFromDirectory(str(out / "runs" / "p"))
     mux.Reload()
     hparams = mux.PluginRunToTagToContent("hparams")
-    assert {f"trial-{t.number:03d}/tensorboard" for t in trials if t.state == TrialState.PRUNED} <= {
+    assert {f"trial-{t.number:03d}" for t in trials if t.state == TrialState.PRUNED} <= {
         r for r, tags in hparams.items() if "_hparams_/session_start_info" in tags}  # HParams lists pruned trials
     summary = (out / "sweeps" / "p" / "summary.csv").read_text()
     assert summary.count(",pruned,") == sum(t.state == TrialState.PRUNED for t in trials) >= 1

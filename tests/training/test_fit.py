@@ -13,7 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pneumo.config import TrainConfig
 from pneumo.errors import RunError
-from pneumo.training.fit import fit
+from pneumo.training.fit import fit, hparam_values
+from pneumo.training.rundir import RunDir
 
 TINY = dict(image_size=64, depth=3, width=4, batch_size=8, n_val_images=4)
 
@@ -50,20 +51,66 @@ def test_checkpoint_alone_rebuilds_the_predictor(finished_run):
 @pytest.mark.slow  # trains a real model
 def test_tensorboard_reader_sees_scalars_hparams_and_images(finished_run):
     _, _, run_dir = finished_run
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    # the events in the run directory itself: TensorBoard names the run after it
+    assert RunDir(run_dir).events_dir == run_dir and not (run_dir / "tensorboard").exists()
+    assert not (run_dir / "hparams.yaml").exists()  # config.yaml holds the parameters
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     tags = acc.Tags()
     for name in ("train/loss", "val/loss", "val/map", "val/map@0.50", "val/map@0.75", "lr", "hp/val_map"):
         assert name in tags["scalars"], name
     assert len(acc.Scalars("val/map")) == 2
-    assert "val/predictions" in tags["images"]
+    assert "epoch" not in tags["scalars"]  # Lightning's epoch-against-batches card
+    # the epoch's figures against the epoch, 1-based as the logs count
+    for name in ("epoch/val_map", "epoch/val_loss", "epoch/train_loss", "epoch/lr"):
+        assert [e.step for e in acc.Scalars(name)] == [1, 2], name
+    assert [e.value for e in acc.Scalars("epoch/val_map")] == \
+        pytest.approx([h["val_map"] for h in _history(run_dir)], abs=1e-5)
+    assert "val/predictions" in tags["images"] and {e.step for e in acc.Images("val/predictions")} <= {1, 2}
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     content = acc.PluginTagToContent("hparams")
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-    assert set(session.session_start_info.hparams) == set(TrainConfig.names())
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
-    assert [m.name.tag for m in experiment.experiment.metric_infos] == ["hp/val_map"]
+    hparams = session.session_start_info.hparams
+    assert set(hparams) == set(TrainConfig.names())
+    assert hparams["augment"].string_value == "true" and hparams["classifier"].string_value == "false"
+    assert hparams["lr"].number_value == pytest.approx(1e-3)  # lr unset: adamw's default, as trained
+    # no experiment per run: the sweep writes one for all its runs (pneumo.sweeps.hparams)
+    assert "_hparams_/experiment" not in content
+
+
+def _history(run_dir) -> list[dict]:
+    return json.loads((run_dir / "metrics.json").read_text())["history"]
+
+
+def test_hparams_keep_every_key_with_one_type_per_key():
+    adam, sgd = hparam_values(TrainConfig(optimizer="adam")), hparam_values(TrainConfig(optimizer="sgd", lr=0.1))
+    assert list(adam) == list(sgd) == TrainConfig.names()
+    assert (adam["lr"], sgd["lr"]) == (1e-3, 0.1)
+    assert {k: type(v) for k, v in adam.items()} == {k: type(v) for k, v in sgd.items()}
+    assert adam["augment"] == "true" and adam["classifier"] == "false"
+    assert not [k for k, v in adam.items() if isinstance(v, bool) or v is None]
+
+
+def test_a_run_started_with_a_tensorboard_folder_keeps_it(tmp_path):
+    run = RunDir(tmp_path / "run")
+    assert run.events_dir == run.path
+    (run.path / "tensorboard").mkdir(parents=True)
+    assert run.events_dir == run.path / "tensorboard"
+
+
+def test_the_run_logger_writes_a_session_and_no_experiment(tmp_path):
+    from pneumo.training.callbacks import RunLogger
+
+    logger = RunLogger(tmp_path)
+    logger.log_session({"optimizer": "adam", "augment": "true"}, {"hp/val_map": 0.0})
+    logger.log_metrics({"epoch": 0, "val/map": 0.5}, step=3)
+    logger.finalize("success")
+    assert logger.log_dir.rstrip("/") == str(tmp_path) and not (tmp_path / "hparams.yaml").exists()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert set(acc.Tags()["scalars"]) == {"hp/val_map", "val/map"}
+    assert set(acc.PluginTagToContent("hparams")) == {"_hparams_/session_start_info", "_hparams_/session_end_info"}
 
 
 @pytest.mark.slow  # trains a real model
@@ -92,6 +139,8 @@ def test_killed_run_resumes_to_the_same_result(synth_dir, tmp_path):
     reference = subprocess.run(_train_cmd(synth_dir, tmp_path / "ref", 4), capture_output=True, text=True, env=env)
     assert reference.returncode == 0, reference.stderr[-2000:]
     assert "best val mAP" in reference.stdout and "tensorboard --logdir" in reference.stdout
+    # a line per epoch and the device, for a notebook's or a sweep run's output
+    assert "training on cpu (" in reference.stdout and "epoch 4/4  train loss " in reference.stdout
 
     run_dir = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(synth_dir, run_dir, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -143,7 +192,6 @@ def test_truncated_last_checkpoint_falls_back_to_best(finished_run, tmp_path):
     import shutil
 
     from pneumo.training.fit import _resumable_checkpoint
-    from pneumo.training.rundir import RunDir
 
     _, _, run_dir = finished_run
     copy = RunDir(tmp_path / "run")

@@ -79,7 +79,7 @@ def fit(config: TrainConfig, run_dir=None, callbacks=()) -> dict:
     from pneumo.data.prepare import prepared_for
     from pneumo.models.module import OpacityModule
     from pneumo.models.net import build_net, check_config
-    from pneumo.training.callbacks import RunRecorder, ThreadShare, ValidationImages
+    from pneumo.training.callbacks import RunRecorder
 
     if not isinstance(config, TrainConfig):
         raise ConfigError("fit() takes a TrainConfig")
@@ -102,7 +102,7 @@ def fit(config: TrainConfig, run_dir=None, callbacks=()) -> dict:
     datamodule = RsnaDataModule(prepared, config, box_targets=module.net.box_targets)
     recorder = RunRecorder(run_dir, config.epochs)
     extra = list(callbacks)
-    own = [recorder, ThreadShare(run_dir), ValidationImages(config.n_val_images, run_dir, config.save_images)]
+    own = _own_callbacks(config, run_dir, recorder)
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     trainer, checkpoint = _trainer(config, run_dir, own + extra, accelerator, fresh=resume_from is None)
     if resume_from is not None:
@@ -128,26 +128,40 @@ def fit(config: TrainConfig, run_dir=None, callbacks=()) -> dict:
     return {**metrics, "run_dir": str(run_dir.path)}
 
 
+def _own_callbacks(config: TrainConfig, run_dir: RunDir, recorder) -> list:
+    """What every run does besides learning (pneumo.training.callbacks), and the EMA of its weights."""
+    from pneumo.training.callbacks import ThreadShare, ValidationImages
+
+    own = [recorder, ThreadShare(run_dir), ValidationImages(config.n_val_images, run_dir, config.save_images)]
+    if config.ema:
+        from lightning.pytorch.callbacks import EMAWeightAveraging
+
+        # validation and checkpoints see the average (state_dict); the raw weights travel beside it
+        own.append(EMAWeightAveraging(decay=config.ema))
+    return own
+
+
 def _trainer(config: TrainConfig, run_dir: RunDir, callbacks: list, accelerator: str, fresh: bool):
     """The Lightning Trainer of a run (and its checkpoint callback): TensorBoard, best and last
     checkpoints in the run directory, the accelerator and precision of this machine."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
 
-    from pneumo.progress import progress_enabled
+    from pneumo.progress import training_bar_enabled
+    from pneumo.training.callbacks import RunLogger
 
-    logger = TensorBoardLogger(save_dir=str(run_dir.path), name="", version="tensorboard", default_hp_metric=False)
+    # TensorBoard names the run after its directory (the events are in it, RunDir.events_dir)
+    logger = RunLogger(run_dir.events_dir)
     if fresh:
         # the same keys for every run, so HParams compares the runs of a sweep side by side
-        logger.log_hyperparams(_hparams(config), {"hp/val_map": 0.0})
+        logger.log_session(hparam_values(config), {"hp/val_map": 0.0})
     checkpoint = ModelCheckpoint(dirpath=run_dir.checkpoints, filename=run_dir.best_checkpoint.stem,
                                  monitor="val/map", mode="max", save_last=True, auto_insert_metric_name=False,
                                  enable_version_counter=False)
     trainer = L.Trainer(
         max_epochs=config.epochs, accelerator=accelerator, devices=1, precision=_precision(config, accelerator),
         logger=logger, callbacks=[*callbacks, checkpoint], deterministic=accelerator == "cpu",
-        enable_progress_bar=progress_enabled(), enable_model_summary=False, num_sanity_val_steps=0,
+        enable_progress_bar=training_bar_enabled(), enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=10, max_time={"minutes": config.max_time} if config.max_time else None,
         default_root_dir=str(run_dir.path),
     )
@@ -187,9 +201,18 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*treespec.*")
 
 
-def _hparams(config: TrainConfig) -> dict:
-    # TensorBoard's HParams takes scalars and strings only: None becomes "default"
-    return {k: ("default" if v is None else v) for k, v in config.to_dict().items()}
+def hparam_values(config: TrainConfig) -> dict:
+    """A run's parameters as TensorBoard's HParams shows them (every run the same keys, each key
+    one type): lr is the learning rate used (the optimizer's default when lr is None), booleans
+    are "true"/"false" (numbers they would show as 1.0000), any other None is "default"."""
+    def shown(key, value):
+        if key == "lr":
+            return float(config.learning_rate)
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return "default" if value is None else value
+
+    return {k: shown(k, v) for k, v in config.to_dict().items()}
 
 
 def _load_state(path: Path) -> dict:

@@ -10,7 +10,7 @@ outputs/runs/<sweep>/<run>/ (or wherever `pneumo train --out` points) holds:
     process.json         the papermill process's seconds and return code
     threads              a CPU thread share handed over by a sweep when other runs end
     checkpoints/         best.ckpt (by val/map) and last.ckpt (resume)
-    tensorboard/         TensorBoard events
+    events.out.tfevents.*  TensorBoard events (in tensorboard/ for runs started before; events_dir)
     val_images/          annotated validation PNGs
     notebook.ipynb, log.txt, papermill-params.yaml   the executed notebook, its log, its parameters
 
@@ -78,6 +78,13 @@ class RunDir:
     notebook = _Inside("notebook.ipynb")
     log = _Inside("log.txt")
     papermill_params = _Inside("papermill-params.yaml")
+
+    @property
+    def events_dir(self) -> Path:
+        """TensorBoard's event files: the run directory itself, so TensorBoard names the run after it;
+        a run started when they went to tensorboard/ keeps writing there when resumed."""
+        legacy = self.path / "tensorboard"
+        return legacy if legacy.is_dir() else self.path
 
     # ------------------------------------------------------------ config
 
