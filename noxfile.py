@@ -87,30 +87,43 @@ def sweep(session: nox.Session) -> None:
     install(session, extras="")
     args = list(session.posargs)
     params = args.pop(0) if args and not args[0].startswith("-") else "params/optimizers.yaml"
-    data = None
-    if "--data-dir" in args:
-        i = args.index("--data-dir")
-        data = args[i + 1]
-        del args[i : i + 2]
+    data = _option(args, "--data-dir")
+    out = _option(args, "--out", keep=True) or "outputs"
     if data is None:
         data = "outputs/synth"
         if not os.path.isdir(f"{data}/stage_2_train_images"):
             session.run("pneumo", "synth", data, "--n-train", "400", "--n-test", "60")
     session.run("pneumo", "validate", data)
-    # the package's own rule for the sweep's name (the directory its outputs go under); stdout only
-    name = session.run("pneumo", "sweep", params, "--print-name", silent=True, stderr=None).strip()
+    # the package's own rule for the sweep's name (the directory its outputs go under; other data than
+    # the file's is another sweep, `<name>-<folder>`); stdout only
+    name = session.run("pneumo", "sweep", params, "--data-dir", data, "--print-name", silent=True, stderr=None).strip()
     session.run("pneumo", "sweep", params, "--data-dir", data, "--resume", "--marathon", *args)
-    predictions = f"outputs/predictions/{name}"
-    predict = ["pneumo", "predict", f"outputs/models/{name}", f"{data}/stage_2_test_images", "--out", predictions,
+    predictions = f"{out}/predictions/{name}"
+    predict = ["pneumo", "predict", f"{out}/models/{name}", f"{data}/stage_2_test_images", "--out", predictions,
                "--dicom-sr", "--dicom-gsps"]
     if os.path.isfile(f"{data}/stage_2_test_labels.csv"):
         predict += ["--labels", f"{data}/stage_2_test_labels.csv"]
     session.run(*predict)
-    session.log(f"summary:     outputs/sweeps/{name}/summary.md")
-    session.log(f"tensorboard: nox -s tensorboard   (or: tensorboard --logdir outputs/runs/{name})")
-    session.log(f"model:       outputs/models/{name}/ (latest vN: model.ckpt, model.json, model.md, model.onnx)")
+    session.log(f"summary:     {out}/sweeps/{name}/summary.md")
+    session.log(f"tensorboard: nox -s tensorboard   (or: tensorboard --logdir {out}/runs/{name})")
+    session.log(f"model:       {out}/models/{name}/ (latest vN: model.ckpt, model.json, model.md, model.onnx)")
     session.log(f"predictions: {predictions}/ (submission.csv, annotations.json, images/, errors.csv, "
                 "sr/ and gsps/ (DICOM), warnings.csv)")
+
+
+def _option(args: list[str], name: str, keep: bool = False) -> str | None:
+    """The value of `name VALUE` or `name=VALUE` in args (removed from them unless keep)."""
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+            if not keep:
+                del args[i : i + 2]
+            return value
+        if arg.startswith(name + "="):
+            if not keep:
+                del args[i]
+            return arg.split("=", 1)[1]
+    return None
 
 
 @nox.session

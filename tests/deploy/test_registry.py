@@ -4,8 +4,15 @@ import json
 import threading
 
 import pytest
+import yaml
 
-from pneumo.deploy.registry import export_model, latest_version, resolve_model
+from pneumo.deploy.registry import (
+    export_model,
+    latest_version,
+    model_version_dir,
+    record_test_score,
+    resolve_model,
+)
 from pneumo.errors import ModelError, RunError
 from pneumo.training.rundir import RunDir
 
@@ -30,9 +37,13 @@ def test_export_writes_the_checkpoint_and_its_card(tmp_path):
     assert card["name"] == "opt" and card["version"] == "v1" and card["source_sweep"] == "optimizers"
     assert card["params"] == {"optimizer": "adam", "epochs": 3} and card["threshold"] == 0.4
     assert card["postprocess"] == {"threshold": 0.4, "gate": 0.6, "max_boxes": 3}  # what predict will apply
-    assert card["metrics"]["best_val_map"] == 0.25 and card["source_run"] == str(run.path.resolve())
+    assert card["metrics"]["best_val_map"] == 0.25
+    assert card["source_run"] == "runs/marathon"  # relative to the outputs root (tmp_path: models/'s parent)
+    assert card["parent_run"] == {"sweep": "optimizers", "run": "marathon", "best_epoch": 2, "best_val_map": 0.25,
+                                  "epochs_done": None}
     assert {"git_commit", "data_fingerprint", "created_at"} <= set(card)
     assert [p.name for p in model.parent.iterdir()] == ["v1"]  # no staging directory left behind
+    assert "Model card: opt" in (model / "model.md").read_text()  # rendered from model.json, with or without extras
 
 
 def test_the_same_run_twice_is_the_same_version_and_a_new_run_a_new_one(tmp_path):
@@ -115,3 +126,108 @@ def test_resolve_model_errors_say_what_was_expected(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match=r"empty: no model\.ckpt, checkpoints/best\.ckpt or v\*/model\.ckpt inside"):
         resolve_model(tmp_path / "empty")
+
+
+def _configured_run(path, data_dir, **params) -> RunDir:
+    run = _finished_run(path)
+    run.config_file.write_text(yaml.safe_dump({"optimizer": "adam", "data_dir": str(data_dir), **params}))
+    return run
+
+
+def test_the_card_names_no_path_of_the_training_machine(tmp_path):
+    outputs = tmp_path / "outputs"
+    data = outputs / "data-here" / "rsna"
+    data.mkdir(parents=True)
+    weights = tmp_path / "elsewhere" / "weights.pth"
+    run = _configured_run(tmp_path / "elsewhere" / "my-run", data, encoder_weights=str(weights))
+    model = export_model(run.path, outputs / "models", "m", "s")
+    card = json.loads((model / "model.json").read_text())
+    assert card["source_run"] == "my-run"  # outside the outputs root: its name alone
+    assert card["params"]["data_dir"] == "data-here/rsna" and card["params"]["encoder_weights"] == "weights.pth"
+    assert card["training_data"]["source"] == "data-here/rsna" and card["training_data"]["synthetic"] is False
+    for name in ("model.json", "model.md"):
+        assert str(tmp_path) not in (model / name).read_text(), name
+
+
+def test_another_run_of_the_same_name_is_another_version(tmp_path):
+    models = tmp_path / "outputs" / "models"
+    first = _finished_run(tmp_path / "a" / "run", b"first")
+    second = _finished_run(tmp_path / "b" / "run", b"second")  # the same portable name "run"
+    assert export_model(first.path, models, "m", "s").name == "v1"
+    assert export_model(second.path, models, "m", "s").name == "v2"
+    assert export_model(first.path, models, "m", "s").name == "v1"
+    legacy = models / "m" / "v1" / "model.json"  # a card written when source_run was absolute
+    legacy.write_text(json.dumps({**json.loads(legacy.read_text()), "source_run": str(first.path.resolve()),
+                                  "checkpoint_sha256": None}))
+    assert export_model(first.path, models, "m", "s").name == "v1"
+
+
+def test_synthetic_data_is_said_on_the_card(tmp_path, synth_dir):
+    run = _configured_run(tmp_path / "run", synth_dir)
+    model = export_model(run.path, tmp_path / "models", "m", "s")
+    card = json.loads((model / "model.json").read_text())
+    assert card["training_data"]["synthetic"] is True and card["training_data"]["source"] == synth_dir.name
+    text = (model / "model.md").read_text()
+    assert "trained on synthetic images" in text and "say nothing about how it does on real chest X-rays" in text
+    assert "- synthetic: yes" in text
+
+
+def test_a_prepared_cache_is_followed_to_its_source_and_a_missing_one_is_unknown(tmp_path, synth_dir):
+    from pneumo.deploy.registry import data_source
+
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / "manifest.json").write_text(json.dumps({"data_dir": str(synth_dir)}))
+    assert data_source(prepared) == (True, synth_dir)
+    assert data_source(tmp_path) == (False, tmp_path)
+    assert data_source(tmp_path / "gone") == (None, tmp_path / "gone")
+    run = _configured_run(tmp_path / "run", tmp_path / "gone")
+    model = export_model(run.path, tmp_path / "models", "m", "s")
+    assert json.loads((model / "model.json").read_text())["training_data"]["synthetic"] is None
+    assert "- synthetic: unknown" in (model / "model.md").read_text()
+
+
+def test_package_versions_are_on_the_card(tmp_path):
+    import importlib.metadata
+
+    import pneumo
+
+    model = export_model(_finished_run(tmp_path / "run").path, tmp_path / "models", "m", "s")
+    packages = json.loads((model / "model.json").read_text())["packages"]
+    assert packages["pneumo"] == pneumo.__version__
+    assert packages["torch"] == importlib.metadata.version("torch")
+    assert packages["lightning"] == importlib.metadata.version("lightning")
+    assert "pneumo " + pneumo.__version__ in (model / "model.md").read_text()
+
+
+def test_a_test_score_goes_on_the_card_and_its_text(tmp_path):
+    outputs = tmp_path / "outputs"
+    model = export_model(_finished_run(tmp_path / "run").path, outputs / "models", "m", "s")
+    assert "Not scored yet" in (model / "model.md").read_text()
+    score = {"map": 0.1234, "n_images": 8, "per_threshold": {"0.5": 0.2},
+             "subgroups": {"overall": {"n_images": 8, "n_positive": 3, "map": 0.1234}, "min_images": 30,
+                           "min_positives": 30, "by": {}}}
+    test = record_test_score(model, score, outputs / "test-images")
+    card = json.loads((model / "model.json").read_text())
+    assert card["test"] == test and test["map"] == 0.1234 and test["n_images"] == 8
+    assert test["images"] == "test-images" and test["subgroups"] == score["subgroups"]
+    assert card["version"] == "v1" and card["metrics"]["best_val_map"] == 0.25  # the rest kept
+    text = (model / "model.md").read_text()
+    assert "## Metrics (test set)" in text and "mAP 0.123 on 8 labelled images of `test-images`" in text
+    assert "Not scored yet" not in text and str(tmp_path) not in text
+    record_test_score(model, {**score, "map": 0.5}, tmp_path / "other" / "imgs", settings={"tta": True})
+    card = json.loads((model / "model.json").read_text())
+    assert card["test"]["map"] == 0.5 and card["test"]["images"] == "imgs"  # replaced, not appended
+    assert '{"tta": true}' in (model / "model.md").read_text()
+    assert sorted(p.name for p in model.iterdir()) == ["model.ckpt", "model.json", "model.md"]
+    with pytest.raises(ModelError, match="not a model version"):
+        record_test_score(tmp_path / "run", score, tmp_path)
+
+
+def test_model_version_dir_names_registered_versions_only(tmp_path):
+    run = _finished_run(tmp_path / "run")
+    model = export_model(run.path, tmp_path / "models", "m", "s")
+    assert model_version_dir(model) == model == model_version_dir(str(model / "model.ckpt"))
+    assert model_version_dir(model.parent) == model  # a family: its latest version
+    assert model_version_dir(run.path) is None and model_version_dir(run.best_checkpoint) is None
+    assert model_version_dir(tmp_path / "nothing") is None and model_version_dir(object()) is None

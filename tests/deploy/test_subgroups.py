@@ -30,7 +30,7 @@ def test_breakdown_matches_the_metric_on_each_subset():
                       else (np.zeros((0, 4)), np.zeros(0)))
         attributes[pid] = {"PatientSex": "M" if i < 70 else "F", "PatientAge": 10 + i * 0.7,
                            "ViewPosition": "PA" if i % 4 else "AP"}
-    result = subgroup_scores(truth, preds, attributes, min_images=25)
+    result = subgroup_scores(truth, preds, attributes, min_images=25, min_positives=15)
     assert result["overall"]["map"] == pytest.approx(mean_average_precision(truth, preds).map, abs=1e-4)
     assert result["overall"]["n_images"] == 100 and result["overall"]["n_positive"] == 66
     men = [p for p in truth if attributes[p]["PatientSex"] == "M"]
@@ -43,6 +43,30 @@ def test_breakdown_matches_the_metric_on_each_subset():
     assert sum(g["n_images"] for g in result["by"]["age"].values()) == 100
     table = breakdown_markdown(result)
     assert "| age | <20 | 15 |" in table and "—" in table
+
+
+def test_a_group_of_few_positive_images_gets_its_counts_and_no_score():
+    """Two positive PA images scored 0.917 on a model card: a group needs MIN_POSITIVES of them."""
+    from pneumo.deploy.subgroups import MIN_POSITIVES
+
+    box = np.array([[100.0, 100.0, 200.0, 200.0]])
+    truth, preds, attributes = {}, {}, {}
+    for i in range(100):
+        pid, view = f"p{i}", "PA" if i < 40 else "AP"
+        positive = i < 2 or i >= 40  # PA: 40 images, 2 with opacity; AP: 60, all with opacity
+        truth[pid] = box if positive else np.zeros((0, 4))
+        preds[pid] = (box, np.array([0.9])) if positive else (np.zeros((0, 4)), np.zeros(0))
+        attributes[pid] = {"PatientSex": "M", "PatientAge": 50, "ViewPosition": view}
+    result = subgroup_scores(truth, preds, attributes)
+    assert MIN_POSITIVES == 30 and result["min_positives"] == 30
+    pa, ap = result["by"]["ViewPosition"]["PA"], result["by"]["ViewPosition"]["AP"]
+    assert (pa["n_images"], pa["n_positive"], pa["map"]) == (40, 2, None)
+    assert pa["reason"] == "fewer than 30 images with opacity"
+    assert ap["map"] == 1.0 and "reason" not in ap
+    assert result["overall"]["map"] is not None  # the whole set is always scored
+    assert "| ViewPosition | PA | 40 | 2 | — |" in breakdown_markdown(result)
+    assert "fewer than 30 with opacity" in breakdown_markdown(result)
+    assert subgroup_scores(truth, preds, attributes, min_positives=2)["by"]["ViewPosition"]["PA"]["map"] == 1.0
 
 
 @pytest.mark.slow

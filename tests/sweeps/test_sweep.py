@@ -90,6 +90,46 @@ def test_summary_ranks_runs_and_says_what_each_left(tmp_path):
     assert "| rank | run | status |" in table and "| 2 | 02-sgd | failed |" in table
 
 
+def test_summary_flags_runs_still_improving_and_shows_the_marathon_with_its_test_score(tmp_path):
+    from pneumo.deploy.registry import export_model, record_test_score
+
+    path = _write(tmp_path, {"name": "s", "notebook": NOTEBOOK, "base": TINY,
+                             "runs": [{"optimizer": "adam"}, {"optimizer": "sgd"}]})
+    spec = load_sweep(path)
+    runs_root = tmp_path / "runs" / "s"  # the outputs root is tmp_path: runs/, sweeps/, models/
+    adam, sgd = (RunDir(runs_root / r.name) for r in spec.runs)
+    history = [{"epoch": 1, "val_map": 0.1}, {"epoch": 2, "val_map": 0.3}]
+    adam.write_metrics({"status": "finished", "best_val_map": 0.3, "best_epoch": 2, "epochs_done": 2,
+                        "history": history})  # best at its last epoch: still improving
+    sgd.write_metrics({"status": "finished", "best_val_map": 0.2, "best_epoch": 1, "epochs_done": 2,
+                       "history": [{"epoch": 1, "val_map": 0.2}, {"epoch": 2, "val_map": 0.1}]})
+    marathon = RunDir(runs_root / "marathon")
+    _finish(marathon, {**spec.runs[0].params, "epochs": 5})
+    marathon.write_metrics({"status": "finished", "best_val_map": 0.9, "best_epoch": 4, "epochs_done": 5})
+    marathon.checkpoints.mkdir()
+    marathon.best_checkpoint.write_bytes(b"weights")
+    (runs_root / "marathon-2").mkdir()  # started, no metrics yet: no row
+    rows = summarize(spec, runs_root, tmp_path / "sweeps")
+    assert [(r["rank"], r["run"], r["still_improving"] == "yes") for r in rows] == [(1, "01-adam", True),
+                                                                                  (2, "02-sgd", False)]
+    table = (tmp_path / "sweeps" / "s" / "summary.md").read_text()
+    assert "| still_improving |" in table and "| 1 | 01-adam | done | 0.3000 | 2 | 2 | yes |" in table
+    assert "| marathon | marathon | done | 0.9000 | 4 | 5 |  |" in table and "marathon-2" not in table
+    assert "| test_map |" not in table  # nothing exported yet
+
+    model = export_model(marathon.path, tmp_path / "models", "s", "s")
+    summarize(spec, runs_root, tmp_path / "sweeps")
+    csv = (tmp_path / "sweeps" / "s" / "summary.csv").read_text().splitlines()
+    assert csv[0].endswith(",model,test_map") and csv[-1].startswith("marathon,marathon,done,0.9,")
+    assert csv[-1].endswith(",v1,")  # exported, not scored yet
+    record_test_score(model, {"map": 0.4321, "n_images": 8}, tmp_path / "test-images")
+    rows = summarize(spec, runs_root, tmp_path / "sweeps")
+    assert [r["run"] for r in rows] == ["01-adam", "02-sgd"]  # the marathon is never the best run
+    table = (tmp_path / "sweeps" / "s" / "summary.md").read_text()
+    assert "| marathon | marathon | done | 0.9000 |" in table and table.count("| v1 | 0.4321 |") == 1
+    assert "Rank `marathon`: the best run's parameters trained longer" in table
+
+
 def _sweep(*args, cwd):
     return subprocess.run([sys.executable, "-m", "pneumo", "sweep", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd,
@@ -134,15 +174,21 @@ def test_real_parallel_sweep_with_a_failing_run_then_resume(tmp_path, synth_dir)
     assert {"threshold", "git_commit", "data_fingerprint", "created_at", "metrics"} <= set(card)
     assert (model / "model.md").is_file() and (model / "model.onnx").is_file() and \
         card["subgroups"]  # pneumo.deploy.modelcard
+    assert card["source_run"] == "runs/t/marathon" and card["parent_run"]["run"] == "marathon"
+    assert card["training_data"]["synthetic"] is True and "synthetic images" in (model / "model.md").read_text()
+    assert str(tmp_path) not in (model / "model.json").read_text() + (model / "model.md").read_text()
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
     mux = EventMultiplexer()
     mux.AddRunsFromDirectory(str(runs))
     mux.Reload()
     with_hparams = [r for r, tags in mux.Runs().items() if "_hparams_/session_start_info" in
                     mux.PluginRunToTagToContent("hparams").get(r, {})]
-    assert {"01-adam/tensorboard", f"{bad.name}/tensorboard", "marathon/tensorboard"} == set(with_hparams)
+    assert {"01-adam", bad.name, "marathon"} == set(with_hparams)
     refused = _sweep(path, "--out", out, cwd=tmp_path)
     assert refused.returncode == 1 and "pass --resume" in refused.stderr
+    summarized = _sweep(path, "--out", out, "--resume", cwd=tmp_path)  # all done: the summary again
+    assert summarized.returncode == 0, summarized.stdout + summarized.stderr
+    assert "| marathon | marathon | done |" in (out / "sweeps" / "t" / "summary.md").read_text()
 
 
 @pytest.mark.slow
@@ -198,9 +244,23 @@ def test_resume_refuses_finished_runs_of_other_base_parameters(tmp_path, synth_d
     other_data = tmp_path / "other-data"
     shutil.copytree(synth_dir, other_data)
     spec["base"].pop("lr")
+    spec["base"]["data_dir"] = str(other_data)  # the file itself now names other data
     with pytest.raises(SweepError, match=r"other parameters \(data_dir\)"):
-        sweep(_write(tmp_path, spec), out=tmp_path / "out", resume=True, data_dir=str(other_data))
+        sweep(_write(tmp_path, spec), out=tmp_path / "out", resume=True)
     assert not (tmp_path / "out" / "sweeps").exists()  # refused before any summary was written
+
+
+def test_the_same_sweep_on_other_data_is_another_sweep(tmp_path, synth_dir):
+    """`nox -s sweep -- --data-dir DIR` right after the demo: its own name, so nothing collides."""
+    spec = {"name": "optimizers", "notebook": NOTEBOOK, "base": {"data_dir": str(synth_dir), **TINY},
+            "runs": [{"optimizer": "adam"}]}
+    path = _write(tmp_path, spec)
+    assert load_sweep(path).name == "optimizers"
+    assert load_sweep(path, data_dir=str(synth_dir)).name == "optimizers"  # the data the file names
+    rsna = tmp_path / "My RSNA data"
+    rsna.mkdir()
+    other = load_sweep(path, data_dir=str(rsna))
+    assert other.name == "optimizers-My-RSNA-data" and other.runs[0].params["data_dir"] == str(rsna.resolve())
 
 
 def test_a_marathon_of_other_parameters_is_kept_and_a_new_one_named(tmp_path):

@@ -27,7 +27,7 @@ import numpy as np
 from pneumo.boxes import box_records, format_prediction_string
 from pneumo.config import TrainConfig
 from pneumo.data.layout import decode_file, dicom_files
-from pneumo.deploy.registry import resolve_model
+from pneumo.deploy.registry import model_version_dir, record_test_score, resolve_model
 from pneumo.errors import ConfigError, DataError, ModelError
 from pneumo.io import atomic_save_image, atomic_write_json, atomic_write_text
 from pneumo.models.postprocess import PostProcess, apply
@@ -225,7 +225,12 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
     png_threads = max(1, min(4, (os.cpu_count() or 2) // 2)) if save_images else 1  # one per two cores
     _infer(loader, predictor, tta, finish, part_path, png_threads, batch_size)
     seconds = time.perf_counter() - start
-    return _assemble(files, part_path, out, predictor, gt, len(todo), seconds, (dicom_sr, dicom_gsps))
+    summary = _assemble(files, part_path, out, predictor, gt, len(todo), seconds, (dicom_sr, dicom_gsps))
+    if gt is not None and (version := model_version_dir(model)) is not None:  # the card gets its test score
+        changed = {"threshold": threshold, "min_box_area": min_box_area, "tta": tta or None}
+        record_test_score(version, json.loads((out / "score.json").read_text()), images_dir,
+                          settings={k: v for k, v in changed.items() if v is not None} or None)
+    return summary
 
 
 def _infer(loader, predictor: Predictor, tta: bool, finish, part_path, threads: int, batch_size: int) -> None:

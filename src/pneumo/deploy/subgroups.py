@@ -17,6 +17,9 @@ SEXES = ("F", "M")
 # Below this many images a subgroup's mAP moves by more than its differences from other
 # groups (one image is 1/N of the score): it is reported with its count and no score.
 MIN_IMAGES = 30
+# The same for the images with an opacity: the mAP of a group rests on its positive images' boxes,
+# and two of them gave a score (PA: 0.917) that says nothing; below this, count only.
+MIN_POSITIVES = 30
 UNKNOWN = "unknown"
 
 
@@ -45,11 +48,13 @@ def subgroups_of(attributes: dict) -> dict[str, str]:
             "ViewPosition": _category(attributes.get("ViewPosition"), VIEWS)}
 
 
-def _group_score(ground_truth: dict, predictions: dict, ids, min_images: int) -> dict:
+def _group_score(ground_truth: dict, predictions: dict, ids, min_images: int, min_positives: int = 0) -> dict:
     truth = {pid: ground_truth[pid] for pid in ids}
     row = {"n_images": len(truth), "n_positive": sum(1 for boxes in truth.values() if len(boxes))}
-    if len(truth) < min_images:
-        row["map"] = None  # too few to say anything: the count alone
+    if len(truth) < min_images or row["n_positive"] < min_positives:
+        row["map"] = None  # too few to say anything: the count alone, and why
+        row["reason"] = (f"fewer than {min_images} images" if len(truth) < min_images
+                         else f"fewer than {min_positives} images with opacity")
         return row
     score = mean_average_precision(truth, {pid: predictions[pid] for pid in ids if pid in predictions})
     row["map"] = round(score.map, 4) if score.n_images else None
@@ -57,13 +62,15 @@ def _group_score(ground_truth: dict, predictions: dict, ids, min_images: int) ->
     return row
 
 
-def subgroup_scores(ground_truth: dict, predictions: dict, attributes: dict, min_images: int = MIN_IMAGES) -> dict:
+def subgroup_scores(ground_truth: dict, predictions: dict, attributes: dict, min_images: int = MIN_IMAGES,
+                    min_positives: int = MIN_POSITIVES) -> dict:
     """The breakdown of the official mAP over the images of ground_truth.
 
     ground_truth {id: boxes}, predictions {id: (boxes, confidences)} (a missing id: no boxes),
     attributes {id: {"PatientSex", "PatientAge", "ViewPosition"}} (a missing id: unknown groups).
-    Returns {"overall": row, "min_images": n, "by": {attribute: {group: row}}}, each row with
-    n_images, n_positive and map (None for a group of fewer than min_images images).
+    Returns {"overall": row, "min_images": n, "min_positives": n, "by": {attribute: {group: row}}},
+    each row with n_images, n_positive and map (None, with a reason, for a group of fewer than
+    min_images images or fewer than min_positives images with opacity; the overall row is always scored).
     """
     ids = list(ground_truth)
     groups: dict[str, dict[str, list]] = {"PatientSex": {}, "age": {}, "ViewPosition": {}}
@@ -72,10 +79,11 @@ def subgroup_scores(ground_truth: dict, predictions: dict, attributes: dict, min
             groups[attribute].setdefault(group, []).append(pid)
     order = {"PatientSex": (*SEXES, "other", UNKNOWN), "age": (*(b[0] for b in AGE_BANDS), UNKNOWN),
              "ViewPosition": (*VIEWS, "other", UNKNOWN)}
-    by = {attribute: {group: _group_score(ground_truth, predictions, members[group], min_images)
+    by = {attribute: {group: _group_score(ground_truth, predictions, members[group], min_images, min_positives)
                       for group in order[attribute] if group in members}
           for attribute, members in groups.items()}
-    return {"overall": _group_score(ground_truth, predictions, ids, 1), "min_images": min_images, "by": by}
+    return {"overall": _group_score(ground_truth, predictions, ids, 1), "min_images": min_images,
+            "min_positives": min_positives, "by": by}
 
 
 def breakdown_markdown(breakdown: dict) -> str:
@@ -91,6 +99,8 @@ def breakdown_markdown(breakdown: dict) -> str:
         for group, r in groups.items():
             row(attribute, group, r)
     lines.append("")
-    lines.append(f"mAP is the official RSNA metric; a group of fewer than {breakdown['min_images']} images "
-                 "shows its count and no score (—).")
+    positives = breakdown.get("min_positives")  # absent from cards written before it existed
+    lines.append(f"mAP is the official RSNA metric; a group of fewer than {breakdown['min_images']} images"
+                 + (f" or fewer than {positives} with opacity" if positives else "")
+                 + " shows its count and no score (—).")
     return "\n".join(lines)

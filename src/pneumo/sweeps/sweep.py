@@ -97,6 +97,7 @@ def load_sweep(path, data_dir=None) -> Sweep:
         notebook = path.resolve().parent.parent / notebook
     base = dict(spec.get("base") or {})
     if data_dir:
+        name = _name_for_data(name, base.get("data_dir", TrainConfig.data_dir), data_dir)
         base["data_dir"] = data_dir
     entries = list(spec.get("runs") or [])
     grid = spec.get("grid") or {}
@@ -134,6 +135,18 @@ def load_sweep(path, data_dir=None) -> Sweep:
     return Sweep(name, notebook.resolve(), base, runs, dict(marathon), search)
 
 
+def _name_for_data(name: str, file_data, data_dir) -> str:
+    """The sweep's name for --data-dir: its own for the data the file names, else `<name>-<folder>`,
+    so the demo's sweep and the same sweep on other data keep apart (runs, summary, model)."""
+    def resolved(folder):
+        return Path(str(folder)).expanduser().resolve()
+
+    if resolved(data_dir) == resolved(file_data):
+        return name
+    folder = re.sub(r"[^\w.-]+", "-", resolved(data_dir).name).strip("-.") or "data"
+    return f"{name}-{folder}"[:100]
+
+
 def _check_run(params: dict, run: str, path: Path) -> None:
     """The config's own checks, then its parts' (an unknown encoder, a head the encoder cannot feed)."""
     from pneumo.models.net import check_config
@@ -162,40 +175,82 @@ def _search_spec(spec: dict, base: dict, allowed: set[str], path: Path):
 
 
 def summarize(sweep: Sweep, runs_root: Path, sweeps_root: Path) -> list[dict]:
-    """Write summary.csv and summary.md (runs ranked by best val mAP) and return the rows."""
+    """Write summary.csv and summary.md and return the runs' rows, ranked by best val mAP.
+
+    Below the ranking, unranked, a row for each marathon (runs_root/marathon*, once it has metrics)
+    with the test score of the model exported from it; still_improving marks a run whose best epoch
+    was its last. The rows returned are the sweep's runs alone (the marathon is never the best run).
+    """
     import pandas as pd
 
     keys = {k for r in sweep.runs for k in r.params}
     # the parameters that tell the runs apart (all of a one-run sweep's own entry)
     varying = sorted(k for k in keys if len({repr(r.params.get(k)) for r in sweep.runs}) > 1
                      or (len(sweep.runs) == 1 and k not in sweep.base))
-    rows = []
-    for run in sweep.runs:
-        run_dir = run.dir(runs_root)
-        metrics = run_dir.metrics()
-        row = {"run": run.name, "status": run_dir.state(), "best_val_map": metrics.get("best_val_map"),
-               "best_epoch": metrics.get("best_epoch"), "epochs_done": metrics.get("epochs_done"),
-               "threshold": metrics.get("threshold"), "wall_time_s": metrics.get("wall_time_s")}
-        process_s = run_dir.process().get("seconds")
-        if process_s is not None and row["wall_time_s"] is not None:
-            # papermill, kernel start-up and imports: what a run costs beyond fit() itself
-            row["overhead_s"] = round(process_s - row["wall_time_s"], 1)
-        row.update({k: run.params.get(k) for k in varying})
-        if row["status"] == "failed":
-            row["error"] = run_dir.failure().get("error", "")
-        rows.append(row)
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame([_summary_row(run.dir(runs_root), run.name, run.params, varying) for run in sweep.runs])
     df["_rank_key"] = df["best_val_map"].fillna(-1.0).astype(float)
     df = df.sort_values("_rank_key", ascending=False, kind="stable").drop(columns="_rank_key")
     df.insert(0, "rank", range(1, len(df) + 1))
+    records = df.to_dict("records")
+    marathons = _marathon_rows(runs_root, varying, Outputs(sweeps_root.parent).model(sweep.name))
+    if marathons:
+        df = pd.concat([df, pd.DataFrame(marathons)], ignore_index=True)
     out = sweeps_root / sweep.name
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "summary.csv", df.to_csv(index=False))
-    header = (f"# Sweep `{sweep.name}`\n\nNotebook `{sweep.notebook.name}`, {len(df)} runs, ranked by best "
+    header = (f"# Sweep `{sweep.name}`\n\nNotebook `{sweep.notebook.name}`, {len(records)} runs, ranked by best "
               f"validation mAP (official RSNA metric).\nCompare in TensorBoard: `tensorboard --logdir {runs_root}`\n\n")
+    notes = ["", "", "`still_improving`: yes when the run's best epoch was its last (more epochs may help)."]
+    if marathons:
+        notes.append("Rank `marathon`: the best run's parameters trained longer (the params file's `marathon:`), "
+                     "not ranked with the runs; `model` is the version exported from it, `test_map` its score "
+                     "from `pneumo predict --labels` when it has one.")
     base = "\n".join(f"- `{k}`: {v}" for k, v in sweep.base.items())
-    atomic_write_text(out / "summary.md", header + _markdown_table(df) + f"\n\nBase parameters:\n{base}\n")
-    return df.to_dict("records")
+    atomic_write_text(out / "summary.md", header + _markdown_table(df) + "\n".join(notes)
+                      + f"\n\nBase parameters:\n{base}\n")
+    return records
+
+
+def _summary_row(run_dir: RunDir, name: str, params: dict, varying: list[str]) -> dict:
+    """One run's line of the summary: how it ended, its figures, the parameters that differ."""
+    metrics = run_dir.metrics()
+    history = metrics.get("history") or []
+    last = metrics.get("epochs_done") or (history[-1].get("epoch") if history else None)
+    row = {"run": name, "status": run_dir.state(), "best_val_map": metrics.get("best_val_map"),
+           "best_epoch": metrics.get("best_epoch"), "epochs_done": metrics.get("epochs_done"),
+           "still_improving": "yes" if last is not None and metrics.get("best_epoch") == last else None,
+           "threshold": metrics.get("threshold"), "wall_time_s": metrics.get("wall_time_s")}
+    process_s = run_dir.process().get("seconds")
+    if process_s is not None and row["wall_time_s"] is not None:
+        # papermill, kernel start-up and imports: what a run costs beyond fit() itself
+        row["overhead_s"] = round(process_s - row["wall_time_s"], 1)
+    row.update({k: params.get(k) for k in varying})
+    if row["status"] == "failed":
+        row["error"] = run_dir.failure().get("error", "")
+    return row
+
+
+def _marathon_rows(runs_root: Path, varying: list[str], family: Path) -> list[dict]:
+    """A row per marathon run that has metrics, with the model version exported from it (the latest)
+    and that version's test score."""
+    from pneumo.deploy.registry import MODEL_CARD, outputs_root_of, portable_path
+    from pneumo.training.rundir import read_json
+
+    versions = sorted((p for p in family.glob("v*") if p.name[1:].isdigit()), key=lambda p: -int(p.name[1:]))
+    cards = [(p.name, read_json(p / MODEL_CARD)) for p in versions]
+    rows = []
+    for path in sorted(p for p in runs_root.glob("marathon*") if p.is_dir()):
+        run_dir = RunDir(path)
+        if not run_dir.metrics():
+            continue
+        row = {"rank": "marathon", **_summary_row(run_dir, path.name, run_dir.read_config(), varying)}
+        names = {str(path.resolve()), portable_path(path, outputs_root_of(family.parent))}
+        version, card = next(((v, c) for v, c in cards if c.get("source_run") in names), (None, {}))
+        if version is not None:
+            row["model"] = version
+            row["test_map"] = (card.get("test") or {}).get("map")
+        rows.append(row)
+    return rows
 
 
 def _markdown_table(df) -> str:
@@ -240,6 +295,8 @@ def sweep(params_file, out=None, data_dir=None, max_parallel: int | None = None,
             raise SweepError(f"{run.dir(runs_root).path}: was started with other parameters ({', '.join(changed)}) "
                              f"than {params_file} (or --data-dir) now gives; give the sweep another name or --out")
     pending = [r for r in spec.runs if not r.dir(runs_root).finished()]
+    from pneumo.sweeps.hparams import write_sweep_experiment  # TensorBoard's HParams: the swept parameters first
+    write_sweep_experiment(spec, runs_root)
     executor = make_executor(cluster, max_parallel, cluster_file)
     try:
         if spec.search is not None:
@@ -262,6 +319,7 @@ def sweep(params_file, out=None, data_dir=None, max_parallel: int | None = None,
                   "search": spec.search is not None}
         if marathon:
             result.update(run_marathon(spec, rows, out, executor.whole_machine()))
+            summarize(spec, runs_root, sweeps_root)  # again: summary.md gains the marathon's row and model
     finally:
         executor.close()
     return result
