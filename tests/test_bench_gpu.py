@@ -1,7 +1,6 @@
 """benchmarks/gpu.py: the GPU check's own smoke run on the CPU (the GPU figures themselves are a
 benchmark, not a test), and its refusal to run for real without a GPU."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,19 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("device", "data", "profile", "prepare", "train", "forward", "predictor", "predict_folder")
 
 
-def _load_gpu():
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_gpu"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_without_a_gpu_it_asks_for_smoke(monkeypatch, capsys):
+    import runpy
+
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _load_gpu().main([]) == 2
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    assert runpy.run_path(str(ROOT / "benchmarks" / "gpu.py"), run_name="bench_gpu")["main"]([]) == 2
     assert capsys.readouterr().err.strip() == "gpu: no CUDA device; run with --smoke to test the script on the CPU"
 
 
