@@ -111,3 +111,15 @@ def test_a_timm_checkpoint_predicts_and_exports_with_no_network(synth_dir, tmp_p
     ref, ref_opacity = predictor.outputs(images)
     got, got_opacity = portable.outputs(images)
     assert abs(float(ref_opacity[0]) - float(got_opacity[0])) < 1e-4
+
+
+def test_shipped_training_profiles_pass_their_parts_checks():
+    """params/real-cpu*.yaml: plain TrainConfig files whose encoder and head the parts accept."""
+    from pathlib import Path
+
+    from pneumo.config import load_config
+
+    profiles = sorted((Path(__file__).resolve().parents[2] / "params").glob("real-cpu*.yaml"))
+    assert profiles
+    for path in profiles:
+        check_config(load_config(path))
