@@ -188,7 +188,9 @@ def test_a_killed_search_resumes_with_no_trial_lost_or_run_twice(tmp_path, synth
     assert 1 <= trials[1].user_attrs["resumed_at_epoch"] < 30  # continued from its checkpoint, not from 0
     assert sorted(trials[1].intermediate_values) == list(range(1, 31))
     summary = (out / "sweeps" / "k" / "summary.csv").read_text().splitlines()
-    assert len(summary) == 3 and all(",done," in line for line in summary[1:])
+    # the two trials ranked, then the marathon's own (unranked) row
+    assert len(summary) == 4 and all(",done," in line for line in summary[1:])
+    assert summary[-1].startswith("marathon,marathon,")
 
 
 def _kernel_spec(tmp_path, fail_first: int) -> dict:
