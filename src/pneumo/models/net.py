@@ -95,12 +95,11 @@ def check_config(config) -> None:
     encoder cannot feed), without building anything."""
     encoder = encoder_class(config.encoder)
     problems = list(encoder.check(config))
-    strides = encoder.feature_strides(config)[:-1]  # the decoded levels
+    all_strides = encoder.feature_strides(config)  # a timm encoder builds a meta-device model for it: once
     for head in _head_classes(config):
-        problems += head.check(config, strides)
-    if config.image_size % max(encoder.feature_strides(config)):
-        problems.append(f"image_size must be divisible by {max(encoder.feature_strides(config))}, "
-                        "the encoder's deepest stride")
+        problems += head.check(config, all_strides[:-1])  # the decoded levels
+    if config.image_size % all_strides[-1]:
+        problems.append(f"image_size must be divisible by {all_strides[-1]}, the encoder's deepest stride")
     if problems:
         raise ConfigError("; ".join(problems))
 
