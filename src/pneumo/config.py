@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from pneumo.errors import ConfigError
+from pneumo.errors import ConfigError, shown
+from pneumo.limits import MAX_PARAMS_DEPTH, MAX_PARAMS_ITEMS
 from pneumo.optimizers import OPTIMIZERS, SCHEDULERS
 
 LOSSES = ("bce_dice", "bce", "dice")
@@ -79,10 +81,10 @@ class TrainConfig:
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}"),
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (1 <= self.epochs <= 100_000, "epochs must be in 1..100000"),
+            (1 <= self.batch_size <= 4096, "batch_size must be in 1..4096"),
             (1 <= self.depth <= 6, "depth must be in 1..6"),
-            (self.width >= 2, "width must be >= 2"),
+            (2 <= self.width <= 256, "width must be in 2..256"),
             (IMAGE_SIZE_RANGE[0] <= self.image_size <= IMAGE_SIZE_RANGE[1],
              "image_size must be in {}..{}".format(*IMAGE_SIZE_RANGE)),
             (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
@@ -93,9 +95,9 @@ class TrainConfig:
             (self.min_box_area >= 0, "min_box_area must be >= 0"),
             (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
             (self.max_images >= 0, "max_images must be >= 0"),
-            (self.n_val_images >= 0, "n_val_images must be >= 0"),
-            (self.num_workers >= -1, "num_workers must be >= -1"),
-            (self.threads >= 0, "threads must be >= 0"),
+            (0 <= self.n_val_images <= 256, "n_val_images must be in 0..256"),
+            (-1 <= self.num_workers <= 256, "num_workers must be in -1..256"),
+            (0 <= self.threads <= 4096, "threads must be in 0..4096"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (self.max_time >= 0, "max_time must be >= 0"),
         ]
@@ -115,7 +117,8 @@ class TrainConfig:
     def from_dict(cls, values: dict, source: str = "parameters") -> TrainConfig:
         """Build from a mapping, refusing unknown keys and wrong types with the valid keys."""
         # YAML keys may be null or numbers too ("?" alone is {None: None}): name them all as text
-        unknown = sorted(k if isinstance(k, str) else repr(k) for k in set(values) - set(cls.names()))
+        extra = set(values) - set(cls.names())
+        unknown = sorted(k[:40] if isinstance(k, str) else shown(k, 40) for k in extra)
         if unknown:
             raise ConfigError(f"{source}: unknown parameter(s) {', '.join(unknown)}; "
                               f"valid: {', '.join(cls.names())}")
@@ -152,13 +155,15 @@ def _coerce(name, value, hint, source):
                 return value
         elif kind is float:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if not math.isfinite(value):  # inf passes `lr > 0`; nan passes no check but says nothing
+                    raise ConfigError(f"{source}: {name} must be a finite number, not {value}")
                 return float(value)
         elif kind is str and isinstance(value, str):
             if "\0" in value:  # no file system takes it: every path use would raise ValueError
-                raise ConfigError(f"{source}: {name} holds a NUL character: {value!r}")
+                raise ConfigError(f"{source}: {name} holds a NUL character: {shown(value)}")
             return value
     names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
-    raise ConfigError(f"{source}: {name} must be {names}, not {value!r}")
+    raise ConfigError(f"{source}: {name} must be {names}, not {shown(value)}")
 
 
 def parse_value(text: str):
@@ -169,6 +174,7 @@ def parse_value(text: str):
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    check_document(value, f"-p value {shown(text, 40)}")
     if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
         try:
             return float(text)
@@ -183,7 +189,7 @@ def parse_overrides(items) -> dict:
     for item in items or ():
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"-p {item!r}: expected key=value")
+            raise ConfigError(f"-p {shown(item)}: expected key=value")
         out[key.strip()] = parse_value(text.strip())
     return out
 
@@ -204,7 +210,25 @@ def read_params_file(path) -> dict:
         return {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of parameter: value")
+    check_document(values, str(path))
     return values
+
+
+def check_document(value, source: str) -> None:
+    """Refuse a loaded YAML document larger or deeper than any real params file, counting what
+    anchors stand for (each visit of a shared list counts again) and stopping at the limit, so
+    nothing later formats or copies a "billion laughs"."""
+    stack, items = [(value, 1)], 0
+    while stack:
+        node, depth = stack.pop()
+        items += 1
+        if items > MAX_PARAMS_ITEMS or depth > MAX_PARAMS_DEPTH:
+            raise ConfigError(f"{source}: more than {MAX_PARAMS_ITEMS} values or {MAX_PARAMS_DEPTH} levels of nesting "
+                              "(counting what YAML anchors repeat); a params file holds a few hundred")
+        if isinstance(node, dict):
+            stack.extend((part, depth + 1) for pair in node.items() for part in pair)
+        elif isinstance(node, (list, tuple, set)):
+            stack.extend((part, depth + 1) for part in node)
 
 
 def load_config(params_file=None, overrides=None, base: dict | None = None) -> TrainConfig:

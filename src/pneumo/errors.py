@@ -44,3 +44,17 @@ class ClusterError(PneumoError):
 
 class ModelError(PneumoError):
     """A model (run directory, model directory or checkpoint) that cannot be loaded."""
+
+
+def shown(value, width: int = 80) -> str:
+    """A value as an error message may quote it: its repr cut to a few items and about `width`
+    characters, so that quoting a hostile value (a YAML "billion laughs" list, a megabyte
+    string) costs as little as quoting a number."""
+    import reprlib
+
+    short = reprlib.Repr()  # keyword arguments only from Python 3.12
+    short.maxlevel = 3
+    short.maxlist = short.maxdict = short.maxtuple = short.maxset = 6
+    short.maxstring = short.maxother = width
+    text = short.repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."

@@ -25,3 +25,15 @@ MAX_CONCURRENT_DECODES = 2
 # HTTP connections serve handles at once (uvicorn answers 503 beyond): with the body caps above
 # this bounds the memory held in request bodies.
 MAX_CONNECTIONS = 32
+
+# A params file (train, sweep, marathon) or a -p value, counted as the data it stands for: YAML
+# anchors let 600 bytes stand for 10^9 items ("billion laughs"), which cost nothing to load but
+# everything to format or copy. Counted before any value is used; a real sweep file has < 500.
+MAX_PARAMS_ITEMS = 20_000
+MAX_PARAMS_DEPTH = 16
+
+# Runs one sweep may hold (a list plus a grid's product, or a search's trials), checked before the
+# grid is built: 7 keys x 10 values would otherwise be 10^7 runs, each checked before a word is said.
+MAX_SWEEP_RUNS = 1_000
+# Values a searched range with a step may take ((high - low) / step): a step of 1e-300 is refused.
+MAX_SEARCH_STEPS = 1_000_000

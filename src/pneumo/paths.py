@@ -18,6 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def absolute(path, what: str) -> str:
+    """`path` made absolute (runs execute in their own directories), or one line naming it when
+    the file system cannot resolve it (a symlink loop)."""
+    from pneumo.errors import ConfigError
+
+    try:
+        return str(Path(str(path)).expanduser().resolve())
+    except (OSError, RuntimeError) as exc:  # Python 3.11 raises RuntimeError on a symlink loop
+        raise ConfigError(f"{what} {path}: cannot be resolved ({exc})") from None
+
+
 def outputs_root() -> Path:
     if os.environ.get("PNEUMO_OUTPUTS"):
         return Path(os.environ["PNEUMO_OUTPUTS"])

@@ -55,7 +55,12 @@ def test_search_spec_kinds_follow_trainconfig():
 
 @pytest.mark.parametrize("search, message", [
     ({"params": {"lrr": {"low": 0.1, "high": 1}}}, "params.lrr: not a parameter of the notebook"),
-    ({"params": {"lr": {"low": 0.1, "high": 0.01}}}, "params.lr: low and high must be numbers with low < high"),
+    ({"params": {"lr": {"low": 0.1, "high": 0.01}}}, "params.lr: low and high must be finite numbers with low < high"),
+    ({"params": {"lr": {"low": 0.1, "high": float("inf")}}}, "params.lr: low and high must be finite numbers"),
+    ({"params": {"lr": {"low": 0.1, "high": 0.5, "step": 1e-300}}}, "step 1e-300 makes more than 1000000 values"),
+    ({"params": {"lr": {"low": 0.1, "high": 0.5, "step": float("nan")}}}, "step must be a number > 0"),
+    ({"params": {"lr": [0.1]}, "trials": 10**9}, "trials must be a whole number in 1..1000, not 1000000000"),
+    ({"params": {"lr": [0.1]}, "sampler": "x" * 10**6}, r"sampler 'x+[.]{3}x+'; valid"),
     ({"params": {"lr": {"low": 0, "high": 0.1, "log": True}}}, "params.lr: log: true needs low > 0"),
     ({"params": {"width": {"low": 4.5, "high": 16}}}, "params.width: width is a whole number"),
     ({"params": {"optimizer": ["adam", "adamm"]}}, "optimizer must be one of"),
@@ -63,7 +68,7 @@ def test_search_spec_kinds_follow_trainconfig():
     ({"params": {"optimizer": {"low": 1, "high": 2}}}, "optimizer is not a number: give a list of choices"),
     ({"params": {"lr": [0.1]}, "pruner": "hyperband"}, "pruner must be one of"),
     ({"params": {"lr": [0.1]}, "pruner": {"type": "median", "warmup": 2}}, "unknown setting.*warmup"),
-    ({"params": {"lr": [0.1]}, "trials": 0}, "trials must be a whole number >= 1"),
+    ({"params": {"lr": [0.1]}, "trials": 0}, "trials must be a whole number in 1..1000"),
     ({"params": {"lr": [0.1]}, "sampler": "grid"}, "sampler 'grid'"),
     ({"params": {"lr": [0.1]}, "objective": "val/loss"}, "objective 'val/loss'"),
     ({"params": {"lr": [0.1]}, "trails": 3}, "unknown key.*trails"),

@@ -10,7 +10,7 @@ import nbformat
 import pytest
 import yaml
 
-from pneumo.errors import SweepError
+from pneumo.errors import PneumoError, SweepError
 from pneumo.sweeps.sweep import load_sweep, run_name, summarize
 from pneumo.training.rundir import RunDir
 
@@ -46,10 +46,24 @@ def test_typo_fails_before_any_run_naming_run_and_key(tmp_path):
     with pytest.raises(SweepError, match="run 02-sgd-lrr0.1: parameter.*lrr.*not in the parameters cell"):
         load_sweep(path)
     path = _write(tmp_path, {"notebook": NOTEBOOK, "runs": [{"optimizer": "adam", "epochs": 0}]})
-    with pytest.raises(SweepError, match="run 01-adam-epochs0: epochs must be >= 1"):
+    with pytest.raises(SweepError, match="run 01-adam-epochs0: epochs must be in 1..100000"):
         load_sweep(path)
     path = _write(tmp_path, {"notebook": NOTEBOOK, "runs": []})
     with pytest.raises(SweepError, match="no runs"):
+        load_sweep(path)
+
+
+def test_a_huge_grid_is_refused_before_it_is_built(tmp_path):
+    grid = {k: list(range(1, 11)) for k in ("epochs", "batch_size", "width", "depth", "seed", "max_images", "threads")}
+    path = _write(tmp_path, {"notebook": NOTEBOOK, "grid": grid})
+    with pytest.raises(SweepError, match="10000000 runs .*at most 1000 in one sweep"):
+        load_sweep(path)
+
+
+def test_a_data_dir_in_a_symlink_loop_is_one_line(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    path = _write(tmp_path, {"notebook": NOTEBOOK, "runs": [{"data_dir": str(tmp_path / "loop" / "x")}]})
+    with pytest.raises(PneumoError, match="run 01-data_dirx: data_dir .*loop/x: cannot be resolved"):
         load_sweep(path)
 
 

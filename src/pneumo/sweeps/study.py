@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pneumo.config import TrainConfig
-from pneumo.errors import ConfigError, SweepError
+from pneumo.errors import ConfigError, SweepError, shown
+from pneumo.limits import MAX_SEARCH_STEPS, MAX_SWEEP_RUNS
+from pneumo.paths import absolute
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +76,16 @@ def parse_search(raw, base: dict, allowed: set[str], where: str) -> SearchSpec:
     if not isinstance(params, dict) or not params:
         raise SweepError(f"{where}: params: maps each searched parameter to a range or a list of choices")
     trials, seed = raw.get("trials", 16), raw.get("seed", 0)
-    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
-        raise SweepError(f"{where}: trials must be a whole number >= 1, not {trials!r}")
+    if not isinstance(trials, int) or isinstance(trials, bool) or not 1 <= trials <= MAX_SWEEP_RUNS:
+        raise SweepError(f"{where}: trials must be a whole number in 1..{MAX_SWEEP_RUNS}, not {shown(trials)}")
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise SweepError(f"{where}: seed must be a whole number, not {seed!r}")
+        raise SweepError(f"{where}: seed must be a whole number, not {shown(seed)}")
     sampler = str(raw.get("sampler", "tpe"))
     if sampler not in SAMPLERS:
-        raise SweepError(f"{where}: sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+        raise SweepError(f"{where}: sampler {shown(sampler)}; valid: {', '.join(SAMPLERS)}")
     objective = str(raw.get("objective", "val/map"))
     if objective not in OBJECTIVES:
-        raise SweepError(f"{where}: objective {objective!r}; valid: {', '.join(OBJECTIVES)} (maximised)")
+        raise SweepError(f"{where}: objective {shown(objective)}; valid: {', '.join(OBJECTIVES)} (maximised)")
     space = {name: _parse_distribution(name, spec, base, allowed, f"{where}: params.{name}")
              for name, spec in params.items()}
     return SearchSpec(space, trials, sampler, _parse_pruner(raw.get("pruner", "none"), where), objective, seed)
@@ -125,27 +127,32 @@ def _parse_distribution(name: str, spec, base: dict, allowed: set[str], where: s
         if any(not isinstance(c, (str, int, float, bool)) and c is not None for c in spec["choices"]):
             raise SweepError(f"{where}: choices must be plain values (numbers, strings, true/false)")
         if name == "data_dir":  # trials execute in their own run directory
-            spec = {"choices": [str(Path(str(c)).expanduser().resolve()) for c in spec["choices"]]}
+            spec = {"choices": [absolute(c, f"{where}: data_dir") for c in spec["choices"]]}
         values = list(spec["choices"])
     else:
         unknown = set(spec) - {"low", "high", "log", "step"}
         if unknown or not {"low", "high"} <= set(spec):
             raise SweepError(f"{where}: a range is {{low:, high:}} with optional log: and step:")
         low, high, step = spec["low"], spec["high"], spec.get("step")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or not low < high:
-            raise SweepError(f"{where}: low and high must be numbers with low < high (got {low!r}, {high!r})")
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high))
+        if not numbers or not low < high:
+            raise SweepError(f"{where}: low and high must be finite numbers with low < high "
+                             f"(got {shown(low)}, {shown(high)})")
         if spec.get("log") and (low <= 0 or step not in (None, 1)):
             raise SweepError(f"{where}: log: true needs low > 0 and no step")
-        if step is not None and (not isinstance(step, (int, float)) or step <= 0
+        if step is not None and (not isinstance(step, (int, float)) or isinstance(step, bool) or not step > 0
                                  or (kind == "int" and step != int(step))):
             raise SweepError(f"{where}: step must be a number > 0 (whole for an int parameter)")
+        if step is not None and (high - low) / step > MAX_SEARCH_STEPS:
+            raise SweepError(f"{where}: step {shown(step)} makes more than {MAX_SEARCH_STEPS} values "
+                             "between low and high; leave step out for a continuous range")
         if kind == "int" and (low != int(low) or high != int(high)):
             raise SweepError(f"{where}: {name} is a whole number: low and high must be too")
         values = [int(low), int(high)] if kind == "int" else [float(low), float(high)]
         spec = {**spec, "low": values[0], "high": values[1]}
     for value in values:
         try:
-            TrainConfig.from_dict({**base, name: value}, source=f"{where} = {value!r}")
+            TrainConfig.from_dict({**base, name: value}, source=f"{where} = {shown(value)}")
         except ConfigError as exc:
             raise SweepError(str(exc)) from None
     return {**spec, "kind": kind}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -19,9 +20,10 @@ from pathlib import Path
 
 from pneumo.config import EXECUTION_FIELDS, TrainConfig, read_params_file
 from pneumo.deploy.registry import export_model
-from pneumo.errors import ConfigError, PneumoError, SweepError
+from pneumo.errors import ConfigError, PneumoError, SweepError, shown
 from pneumo.io import atomic_write_text
-from pneumo.paths import Outputs
+from pneumo.limits import MAX_SWEEP_RUNS
+from pneumo.paths import Outputs, absolute
 from pneumo.sweeps.executors import make_executor
 from pneumo.training.rundir import RunDir
 
@@ -54,7 +56,7 @@ class Sweep:
 def _short(value) -> str:
     if isinstance(value, float):
         return f"{value:g}"
-    return Path(value).name if isinstance(value, str) and "/" in value else str(value)
+    return Path(value).name if isinstance(value, str) and "/" in value else shown(value, 40).strip("'")
 
 
 def run_name(index: int, entry: dict) -> str:
@@ -105,6 +107,10 @@ def load_sweep(path, data_dir=None) -> Sweep:
         raise SweepError(f"{path}: runs must be a list of mappings")
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
         raise SweepError(f"{path}: grid must map parameter names to non-empty lists")
+    size = len(entries) + math.prod(len(v) for v in grid.values()) * bool(grid)
+    if size > MAX_SWEEP_RUNS:  # before the product is built: 7 keys x 10 values would be 10^7 runs
+        raise SweepError(f"{path}: {size} runs (runs: plus the grid's product); at most {MAX_SWEEP_RUNS} "
+                         "in one sweep: split it, or search the space (search:)")
     if grid:
         keys = list(grid)
         entries += [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
@@ -124,7 +130,7 @@ def load_sweep(path, data_dir=None) -> Sweep:
                              f"of {notebook.name}; valid: {', '.join(sorted(allowed - NOTEBOOK_ONLY_PARAMETERS))}")
         _check_run(params, run, path)
         if "data_dir" in params:  # runs execute in their own run directory: make the path absolute
-            params["data_dir"] = str(Path(str(params["data_dir"])).expanduser().resolve())
+            params["data_dir"] = absolute(params["data_dir"], f"{path}: run {run}: data_dir")
         runs.append(Run(run, params))
     marathon = spec.get("marathon") or {}
     if isinstance(marathon, str):  # a path to a marathon params file, relative to this one
