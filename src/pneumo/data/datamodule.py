@@ -17,6 +17,7 @@ from pneumo.data.augment import augment
 from pneumo.data.layout import CLASSES
 from pneumo.data.metadata import N_METADATA, metadata_vector
 from pneumo.errors import DataError
+from pneumo.processes import child_initializer
 
 
 class CacheBatches(torch.utils.data.Dataset):
@@ -127,7 +128,8 @@ class RsnaDataModule(L.LightningDataModule):
         sampler = RowBatches(rows, self.config.batch_size, shuffle, self.config.seed)
         return torch.utils.data.DataLoader(
             self.dataset, sampler=sampler, batch_size=None, num_workers=workers,
-            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+            worker_init_fn=child_initializer() if workers else None)
 
     def train_dataloader(self):
         return self._loader(self.train_rows, shuffle=True)

@@ -16,6 +16,7 @@ import numpy as np
 
 from pneumo.boxes import as_boxes, check_patient_id
 from pneumo.errors import DataError, DicomError
+from pneumo.processes import child_initializer
 from pneumo.progress import track
 
 if TYPE_CHECKING:
@@ -220,7 +221,7 @@ def _scan_in_processes(jobs, workers: int):
     while done < len(jobs):
         window: list = []  # futures in flight, oldest first; bounded so results never pile up
         try:
-            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=child_initializer()) as pool:
                 queued = done
                 while done < len(jobs):
                     while queued < len(jobs) and len(window) < 4 * workers:
@@ -241,7 +242,7 @@ def _decode_alone(job, context):
     from concurrent.futures.process import BrokenProcessPool
 
     try:
-        with ProcessPoolExecutor(1, mp_context=context) as pool:
+        with ProcessPoolExecutor(1, mp_context=context, initializer=child_initializer()) as pool:
             return pool.submit(_decode_job, job).result()
     except BrokenProcessPool:
         path = Path(job[0])

@@ -30,6 +30,7 @@ from pneumo.data.layout import (
 )
 from pneumo.errors import DataError
 from pneumo.io import atomic_file, atomic_write_json, atomic_write_text
+from pneumo.processes import child_initializer
 
 CLASS_P = (0.225, 0.443, 0.332)  # patient-level class mix of the real stage 2 training set
 P_AP = {"Lung Opacity": 0.75, "No Lung Opacity / Not Normal": 0.5, "Normal": 0.3}
@@ -209,7 +210,7 @@ def make_dataset(out, n_train: int = 400, n_test: int = 60, seed: int = 0, size:
     test_jobs = [(seed, 10_000_000 + i, size, str(out / TEST_IMAGES)) for i in range(n_test)]
     jobs = train_jobs + test_jobs
     if workers > 1 and len(jobs) > 8:
-        with get_context("spawn").Pool(workers) as pool:
+        with get_context("spawn").Pool(workers, initializer=child_initializer()) as pool:
             cases = pool.map(_make_one, jobs, chunksize=4)
     else:
         cases = [_make_one(j) for j in jobs]

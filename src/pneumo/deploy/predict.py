@@ -31,6 +31,7 @@ from pneumo.deploy.registry import model_version_dir, record_test_score, resolve
 from pneumo.errors import ConfigError, DataError, ModelError
 from pneumo.io import atomic_save_image, atomic_write_json, atomic_write_text
 from pneumo.models.postprocess import PostProcess, apply
+from pneumo.processes import child_initializer
 
 if TYPE_CHECKING:
     import torch
@@ -207,7 +208,7 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
     n_workers = workers if workers is not None else min(2, os.cpu_count() or 1)
     loader = torch.utils.data.DataLoader(_Decoded(todo, predictor.image_size, save_images), batch_size=batch_size,
                                          num_workers=n_workers if len(todo) > batch_size else 0,
-                                         collate_fn=list)
+                                         collate_fn=list, worker_init_fn=child_initializer())
     start = time.perf_counter()
 
     def finish(item, boxes, conf) -> None:

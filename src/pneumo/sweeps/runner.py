@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from pneumo.io import atomic_write_text
+from pneumo.processes import terminate_with_parent
 from pneumo.sweeps.slots import Slot
 from pneumo.training.rundir import RunDir
 
@@ -79,7 +80,7 @@ def _papermill(notebook: Path, run, run_dir: RunDir, env: dict, stop: threading.
         # own session: Ctrl-C in the terminal reaches the sweep, which stops the runs itself
         proc = subprocess.Popen(papermill_command(notebook, run_dir), stdout=logfile,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=terminate_with_parent)
         if _wait_or_stop(proc, stop):
             return None
     return proc.returncode
@@ -105,25 +106,6 @@ def _wait_or_stop(proc: subprocess.Popen, stop: threading.Event) -> bool:
                 proc.wait()
             return True
     return False
-
-
-def _load_libc():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:  # not Linux: runs are still stopped by the sweep on Ctrl-C
-        return None
-
-
-_LIBC = _load_libc()  # loaded in the parent: the child between fork and exec must not import
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the thread that started it dies (a killed
-    sweep or Dask worker), so no orphaned run keeps writing into a directory being retried."""
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _last_error(log_path: Path) -> str:

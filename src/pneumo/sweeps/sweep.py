@@ -101,19 +101,7 @@ def load_sweep(path, data_dir=None) -> Sweep:
     if data_dir:
         name = _name_for_data(name, base.get("data_dir", TrainConfig.data_dir), data_dir)
         base["data_dir"] = data_dir
-    entries = list(spec.get("runs") or [])
-    grid = spec.get("grid") or {}
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise SweepError(f"{path}: runs must be a list of mappings")
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-        raise SweepError(f"{path}: grid must map parameter names to non-empty lists")
-    size = len(entries) + math.prod(len(v) for v in grid.values()) * bool(grid)
-    if size > MAX_SWEEP_RUNS:  # before the product is built: 7 keys x 10 values would be 10^7 runs
-        raise SweepError(f"{path}: {size} runs (runs: plus the grid's product); at most {MAX_SWEEP_RUNS} "
-                         "in one sweep: split it, or search the space (search:)")
-    if grid:
-        keys = list(grid)
-        entries += [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    entries = _entries(spec, path)
     if not entries and spec.get("search") is None:
         raise SweepError(f"{path}: no runs (give runs: and/or grid:, or search:)")
     if entries and spec.get("search") is not None:
@@ -139,6 +127,24 @@ def load_sweep(path, data_dir=None) -> Sweep:
     if bad:
         raise SweepError(f"{path}: marathon: unknown parameter(s) {', '.join(sorted(bad))}")
     return Sweep(name, notebook.resolve(), base, runs, dict(marathon), search)
+
+
+def _entries(spec: dict, path: Path) -> list[dict]:
+    """The runs: list, then the grid's product, sized before the product is built."""
+    entries = list(spec.get("runs") or [])
+    grid = spec.get("grid") or {}
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise SweepError(f"{path}: runs must be a list of mappings")
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise SweepError(f"{path}: grid must map parameter names to non-empty lists")
+    size = len(entries) + math.prod(len(v) for v in grid.values()) * bool(grid)
+    if size > MAX_SWEEP_RUNS:  # before the product is built: 7 keys x 10 values would be 10^7 runs
+        raise SweepError(f"{path}: {size} runs (runs: plus the grid's product); at most {MAX_SWEEP_RUNS} "
+                         "in one sweep: split it, or search the space (search:)")
+    if grid:
+        keys = list(grid)
+        entries += [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    return entries
 
 
 def _name_for_data(name: str, file_data, data_dir) -> str:
