@@ -174,3 +174,58 @@ def test_headers_highdicom_refuses_are_reported_not_fatal(source_path, tmp_path)
     assert ("odd.dcm", "PatientSex 'X' is not a valid value: the report leaves it empty") in warnings
     assert any(path == "private.dcm" and "sr: not written" in text for path, text in warnings)
     assert summary == {"n_reports": 1, "n_warnings": len(warnings)}
+
+
+def _nested(depth: int):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    inner = Dataset()
+    inner.CodeMeaning = "deep"
+    for _ in range(depth):
+        outer = Dataset()
+        outer.ContentSequence = Sequence([inner])
+        inner = outer
+    return inner.ContentSequence
+
+
+def test_one_unusual_header_does_not_stop_the_others(source_path, tmp_path):
+    """A source without Modality (highdicom: AttributeError) and one with sequences nested 150 deep
+    (deepcopy: RecursionError) are warnings.csv lines; the good image still gets its report."""
+    from pneumo.deploy.sr import write_reports
+
+    records = []
+    for name in ("good", "no-modality", "deep"):
+        ds = pydicom.dcmread(source_path)
+        if name == "no-modality":
+            del ds.Modality
+        if name == "deep":
+            ds.ContentSequence = _nested(150)
+        ds.save_as(tmp_path / f"{name}.dcm")
+        records.append(({"path": str(tmp_path / f"{name}.dcm"), "patientId": name,
+                         "boxes": [{"x": 1.0, "y": 2.0, "width": 30.0, "height": 40.0, "confidence": 0.9}]}, 0.0))
+    summary = write_reports(records, tmp_path / "out", "m")
+    written = sorted(p.name for p in (tmp_path / "out" / "sr").iterdir())
+    with open(tmp_path / "out" / "warnings.csv") as f:
+        warnings = {row["path"].split("/")[-1]: row["warning"] for row in csv.DictReader(f)}
+    assert "good.dcm" in written and summary["n_reports"] == len(written)
+    for name in ("no-modality", "deep"):  # a report with a warning, or a warning saying why none
+        assert f"{name}.dcm" in written or f"{name}.dcm" in warnings, name
+    assert "no-modality.dcm" in warnings
+    if "deep.dcm" not in written:
+        assert "sr: not written" in warnings["deep.dcm"]
+
+
+def test_an_sr_of_an_odd_upload_is_a_dicom_error(source_path):
+    from pneumo.deploy.sr import upload_report
+    from pneumo.errors import DicomError
+
+    ds = pydicom.dcmread(source_path)
+    ds.ContentSequence = _nested(150)
+    data = to_bytes(ds)
+    try:
+        report, warnings = upload_report(data, {"patientId": "p", "boxes": []}, "m")
+    except DicomError as exc:
+        assert "no SR for this header" in str(exc) and "\n" not in str(exc)
+    else:
+        assert pydicom.dcmread(__import__("io").BytesIO(report)).Modality == "SR"

@@ -20,6 +20,7 @@ import numpy as np
 
 from pneumo import __version__
 from pneumo.data.dicom import parse_age, quiet_pydicom
+from pneumo.errors import DicomError
 from pneumo.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -227,8 +228,12 @@ def report_file(source, finding: Finding) -> tuple[bytes, list[str]]:
 
 
 def upload_report(data: bytes, result: dict, model: str) -> tuple[bytes, list[str]]:
-    """The SR file of an uploaded DICOM and its prediction (pneumo serve's JSON answer)."""
-    return report_file(read_source(data), finding_of(result, model))
+    """The SR file of an uploaded DICOM and its prediction (pneumo serve's JSON answer); a header
+    no SR can be made for is a DicomError (serve: 422), never a server error."""
+    try:
+        return report_file(read_source(data), finding_of(result, model))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise DicomError("upload", f"no SR for this header ({_reason(exc)})") from None
 
 
 def finding_of(record: dict, model: str) -> Finding:
@@ -248,21 +253,38 @@ def write_reports(records, out, model: str, sr: bool = True, gsps: bool = False)
         (out / folder).mkdir(parents=True, exist_ok=True)
     warnings, written = [], 0
     for record, record_mtime in records:
-        finding = finding_of(record, model)
-        source = read_source(record["path"])
-        warnings += [(record["path"], note) for note in complete_source(source, finding.patient_id)[1]]
-        for folder, make in kinds:
-            target = out / folder / f"{finding.patient_id}.dcm"
-            if target.is_file() and target.stat().st_mtime >= record_mtime:
-                continue
-            try:
-                atomic_write_bytes(target, to_bytes(make(source, finding)[0]))
-                written += 1
-            except (ValueError, KeyError, TypeError) as exc:  # a header highdicom refuses: say so, go on
-                warnings.append((record["path"], f"{folder}: not written ({type(exc).__name__}: {exc})"))
+        try:
+            written += _write_one(record, record_mtime, out, model, kinds, warnings)
+        except Exception as exc:  # noqa: BLE001 - batch work: one odd header is a warning, the rest go on
+            # (highdicom raises AttributeError for a missing Modality, deepcopy RecursionError for
+            # deeply nested sequences, pydicom anything for a damaged file)
+            warnings.append((record["path"], f"not written ({_reason(exc)})"))
     lines = ["path,warning"] + [f'"{path}","{text.replace(chr(34), chr(39))}"' for path, text in warnings]
     atomic_write_text(out / WARNINGS_FILE, "\n".join(lines) + "\n")
     return {"n_reports": written, "n_warnings": len(warnings)}
+
+
+def _write_one(record, record_mtime, out: Path, model: str, kinds, warnings: list) -> int:
+    """The reports of one record (those older than it); how many were written."""
+    finding = finding_of(record, model)
+    source = read_source(record["path"])
+    warnings += [(record["path"], note) for note in complete_source(source, finding.patient_id)[1]]
+    written = 0
+    for folder, make in kinds:
+        target = out / folder / f"{finding.patient_id}.dcm"
+        if target.is_file() and target.stat().st_mtime >= record_mtime:
+            continue
+        try:
+            atomic_write_bytes(target, to_bytes(make(source, finding)[0]))
+            written += 1
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:  # a header highdicom refuses
+            warnings.append((record["path"], f"{folder}: not written ({_reason(exc)})"))
+    return written
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def parts_records(files, part_path):
