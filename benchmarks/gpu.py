@@ -349,7 +349,7 @@ def predict_whole(run: Path, test_images: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # predict skips images an earlier run finished
     n = sum(1 for _ in test_images.glob("*.dcm"))
     t0 = time.perf_counter()
-    summary = predict_folder(run, test_images, out, save_images=False)
+    summary = predict_folder(run, test_images, out, images="none")
     seconds = time.perf_counter() - t0
     return {"images": n, "images_per_s": round(n / seconds, 1), "wall_s": round(seconds, 2),
             "images_per_s_inference_loop": summary.get("images_per_second"), "n_with_boxes": summary["n_with_boxes"],

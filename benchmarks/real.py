@@ -223,13 +223,13 @@ def run_split(config, split_dir: Path, run_dir: Path, seed: int) -> dict:
         metrics = fit(config, run_dir)
     t0 = time.perf_counter()
     predictions = run_dir / "test-predictions"
-    summary = predict_folder(run_dir, test_dir / IMAGES, predictions, labels=test_dir / LABELS, save_images=False)
+    summary = predict_folder(run_dir, test_dir / IMAGES, predictions, labels=test_dir / LABELS, images="none")
     predict_s = time.perf_counter() - t0
     counts = _image_counts(predictions / "annotations.json", test_dir / LABELS)
     score = json.loads((predictions / "score.json").read_text())  # the official mAP, as predict wrote it
     # the same model with horizontal-flip test-time augmentation (predict --tta), on the same images
     flipped = run_dir / "test-predictions-tta"
-    predict_folder(run_dir, test_dir / IMAGES, flipped, labels=test_dir / LABELS, save_images=False, tta=True)
+    predict_folder(run_dir, test_dir / IMAGES, flipped, labels=test_dir / LABELS, images="none", tta=True)
     tta_map = json.loads((flipped / "score.json").read_text())["map"]
     result = {
         "seed": seed, "n_dev": info["n_dev"], "n_test": info["n_test"],

@@ -154,7 +154,7 @@ def cmd_predict(args) -> int:
 
     summary = predict_folder(args.model, args.images_dir, args.out, threshold=args.threshold,
                              min_box_area=args.min_box_area, tta=args.tta, labels=args.labels,
-                             batch_size=args.batch_size, workers=args.workers, save_images=not args.no_images,
+                             batch_size=args.batch_size, workers=args.workers, images=args.images,
                              dicom_sr=args.dicom_sr, dicom_gsps=args.dicom_gsps)
     rate = f", {summary['images_per_second']:.1f} images/s" if summary["images_per_second"] else ""
     print(f"{summary['n_predicted']} predicted ({summary['n_with_boxes']} with boxes), {summary['n_errors']} errors "
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_options(p, "run")
     p.set_defaults(func=cmd_sweep)
 
-    p = command("predict", "boxes for a folder of DICOMs: submission.csv, annotations.json, PNGs")
+    p = command("predict", "boxes for a folder of DICOMs: submission.csv, annotations.json, annotated images")
     _add_model_options(p)  # MODEL first: the positionals go in the order they are added
     p.add_argument("images_dir", type=Path, metavar="IMAGES_DIR", help="folder of DICOM files")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the outputs")
@@ -351,7 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=Path, default=None, metavar="CSV", help="labels CSV: draw ground truth and score")
     p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="images per forward pass")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="decoding processes (default: up to 2)")
-    p.add_argument("--no-images", action="store_true", help="skip the annotated PNGs")
+    p.add_argument("--images", choices=("preview", "full", "none"), default="preview",
+                   help="annotated image per input: preview = half size JPEG with the patientId and a legend, "
+                        "full = full size PNG, none = no images (default: preview)")
+    p.add_argument("--no-images", dest="images", action="store_const", const="none", help="same as --images none")
     p.add_argument("--dicom-sr", action="store_true", help="DICOM SR (TID 1500) of the boxes: OUT/sr/<patientId>.dcm")
     p.add_argument("--dicom-gsps", action="store_true",
                    help="DICOM presentation state drawing the boxes: OUT/gsps/<patientId>.dcm")

@@ -29,6 +29,10 @@ def atomic_file(path, mode: str = "wb"):
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
+            f.flush()
+            # on disk before the rename: after a power cut the name holds the old file or the
+            # new one, never an empty file (ext4 may commit the rename before the data)
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

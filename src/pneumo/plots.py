@@ -33,8 +33,9 @@ def learning_curves(metrics: dict):
 
 
 def image_grid(paths, columns: int = 4, tile: int = 256):
-    """PNG files side by side in one Pillow image (for notebooks: no figure per image)."""
-    from PIL import Image
+    """Image files side by side in one Pillow image (for notebooks: no figure per image), each
+    fitted into its tile with its proportions (predict's images have a band above)."""
+    from PIL import Image, ImageOps
 
     paths = [Path(p) for p in paths]
     if not paths:
@@ -43,7 +44,9 @@ def image_grid(paths, columns: int = 4, tile: int = 256):
     grid = Image.new("RGB", (columns * tile, rows * tile), (20, 20, 20))
     for i, path in enumerate(paths):
         with Image.open(path) as im:
-            grid.paste(im.convert("RGB").resize((tile, tile)), ((i % columns) * tile, (i // columns) * tile))
+            fitted = ImageOps.contain(im.convert("RGB"), (tile, tile))
+            grid.paste(fitted, ((i % columns) * tile + (tile - fitted.width) // 2,
+                                (i // columns) * tile + (tile - fitted.height) // 2))
     return grid
 
 

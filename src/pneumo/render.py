@@ -32,29 +32,65 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def annotate(image: np.ndarray, pred_boxes=(), confidences=(), gt_boxes=()) -> Image.Image:
-    """A palette Pillow image of a uint8 grey image with boxes in its own pixel frame."""
+def annotate(image: np.ndarray, pred_boxes=(), confidences=(), gt_boxes=(), title: str | None = None,
+             scale: float = 1.0) -> Image.Image:
+    """A palette Pillow image of a uint8 grey image with boxes in its own pixel frame.
+
+    scale < 1 draws on the image reduced by that factor (boxes scaled with it); a title puts a
+    band above the image with the title and the legend (predicted red with confidence, truth green)."""
     from PIL import Image, ImageDraw
 
     from pneumo.boxes import as_boxes
 
+    if scale != 1.0:  # reduced by area averaging, before the palette
+        grey = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+        size = (max(1, round(grey.width * scale)), max(1, round(grey.height * scale)))
+        image = np.asarray(grey.resize(size, Image.Resampling.BOX))
     levels = ((image.astype(np.uint16) * (_GREYS - 1) + 127) // 255).astype(np.uint8)
     canvas = Image.frombytes("P", (image.shape[1], image.shape[0]), levels.tobytes())
     canvas.putpalette(_PALETTE)
-    draw = ImageDraw.Draw(canvas)
-    side = max(image.shape)
+    side = max(canvas.size)
     line = max(1, round(side / 256))
     font = _font(max(10, round(side / 40)))
-    for x, y, w, h in as_boxes(gt_boxes):
+    band = _band_height(font, line) if title is not None else 0
+    if band:
+        framed = Image.new("P", (canvas.width, canvas.height + band), 0)
+        framed.putpalette(_PALETTE)
+        framed.paste(canvas, (0, band))
+        canvas = framed
+    draw = ImageDraw.Draw(canvas)
+    if band:
+        _legend(draw, title, font, line, canvas.width)
+    for x, y, w, h in as_boxes(gt_boxes) * scale + [0, band, 0, 0]:
         draw.rectangle([x, y, x + w - 1, y + h - 1], outline=_GT, width=line)
-    for (x, y, w, h), c in zip(as_boxes(pred_boxes), confidences):
+    for (x, y, w, h), c in zip(as_boxes(pred_boxes) * scale + [0, band, 0, 0], confidences):
         draw.rectangle([x, y, x + w - 1, y + h - 1], outline=_PRED, width=line)
         label = f"{c:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
-        ty = y - (bottom - top) - 2 * line if y - (bottom - top) - 2 * line >= 0 else y + line
+        ty = y - (bottom - top) - 2 * line if y - (bottom - top) - 2 * line >= band else y + line
         draw.rectangle([x, ty, x + right - left + 2 * line, ty + bottom - top + 2 * line], fill=_PRED)
         draw.text((x + line - left, ty + line - top), label, fill=_WHITE, font=font)
     return canvas
+
+
+def _band_height(font, line: int) -> int:
+    left, top, right, bottom = font.getbbox("Ag")
+    return bottom - top + 6 * line
+
+
+def _legend(draw, title: str, font, line: int, width: int) -> None:
+    """The band's text: the title at the left; at the right a red and a green key."""
+    pad = 3 * line
+    left, top, right, bottom = draw.textbbox((0, 0), title, font=font)
+    draw.text((pad - left, pad - top), title, fill=_WHITE, font=font)
+    x = width - pad
+    for text, colour in (("truth", _GT), ("predicted (confidence)", _PRED)):
+        x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+        x -= x1 - x0
+        draw.text((x - x0, pad - y0), text, fill=_WHITE, font=font)
+        x -= (y1 - y0) + line
+        draw.rectangle([x, pad, x + (y1 - y0) - 1, pad + (y1 - y0) - 1], fill=colour)
+        x -= 3 * pad
 
 
 def caption(image, text: str, size: int | None = None):

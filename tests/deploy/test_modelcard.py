@@ -86,7 +86,7 @@ def test_export_writes_a_truthful_card_with_subgroups_and_onnx(tiny_run, synth_d
     # the test score: predict on the held-out set with labels, then onto the card
     images, out = synth_dir / "stage_2_test_images", tmp_path / "pred"
     summary = predict_folder(model, images, out, labels=synth_dir / "stage_2_test_labels.csv", workers=0,
-                             save_images=False)
+                             images="none")
     record_test_score(model, json.loads((out / "score.json").read_text()), images)
     card = json.loads((model / "model.json").read_text())
     assert card["test"]["map"] == summary["map"] and card["test"]["images"] == images.name

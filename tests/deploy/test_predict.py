@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pneumo.boxes import parse_prediction_string
-from pneumo.deploy.predict import load_predictor, predict_folder
+from pneumo.deploy.predict import annotated_image, load_predictor, predict_folder
 from pneumo.deploy.registry import resolve_model
 from pneumo.errors import ModelError
 
@@ -30,6 +31,10 @@ def mixed_dir(synth_dir, tmp_path):
     ds = pydicom.dcmread(good[1])
     del ds.PixelData
     ds.save_as(d / "nopixels.dcm")
+    shutil.copy(good[2], d / "abc\n.dcm")  # a new line in the name would be two submission rows
+    (d / "sub").mkdir()  # entries predict does not read are listed, not passed over
+    os.mkfifo(d / "pipe")
+    (d / "loop").symlink_to(d / "loop")
     return d
 
 
@@ -39,19 +44,22 @@ def test_every_input_is_accounted_for(tiny_run, mixed_dir, tmp_path, synth_dir):
     sub = pd.read_csv(out / "submission.csv", dtype=str, keep_default_na=False)
     errors = pd.read_csv(out / "errors.csv")
     assert list(sub.columns) == ["patientId", "PredictionString"]
-    inputs = {p.name for p in mixed_dir.iterdir()}
+    inputs = {p.name for p in mixed_dir.iterdir()} - {"abc\n.dcm"}  # reported under its escaped name
     accounted = {f"{p}.dcm" for p in sub["patientId"]} | {p.split("/")[-1] for p in errors["path"]}
-    assert accounted == inputs and len(sub) + len(errors) == len(inputs)
-    assert set(errors["path"].str.split("/").str[-1]) == {"notes.txt", "empty.dcm", "truncated.dcm", "nopixels.dcm"}
+    assert accounted - {"abc\n.dcm"} == inputs and len(sub) + len(errors) == len(inputs) + 1
+    assert set(errors["path"].str.split("/").str[-1]) == {"notes.txt", "empty.dcm", "truncated.dcm", "nopixels.dcm",
+                                                         "abc\n.dcm", "sub", "pipe", "loop"}
     assert "no pixel data" in errors.set_index(errors["path"].str.split("/").str[-1]).loc["nopixels.dcm", "reason"]
     for text in sub["PredictionString"]:
         parse_prediction_string(text)  # Kaggle format, or empty
     annotations = json.loads((out / "annotations.json").read_text())
     assert set(annotations["images"]) == set(sub["patientId"])
     assert all(a["image_size"] == [256, 256] for a in annotations["images"].values())
-    pngs = list((out / "images").glob("*.png"))
-    assert len(pngs) == len(sub)
-    assert Image.open(pngs[0]).size == (256, 256)
+    pictures = [annotated_image(out, pid) for pid in sub["patientId"]]  # previews by default: half size JPEG
+    assert len(list((out / "images").iterdir())) == len(sub) and all(p.suffix == ".jpg" for p in pictures)
+    assert Image.open(pictures[0]).format == "JPEG"
+    width, height = Image.open(pictures[0]).size
+    assert width == 128 and height > 128  # the band above holds the patientId and the legend
     assert "map" in summary and json.loads((out / "score.json").read_text())["map"] == summary["map"]
 
 
@@ -70,7 +78,7 @@ def test_rerun_skips_what_is_done(tiny_run, synth_dir, tmp_path):
 
 def test_threshold_override_and_tta(tiny_run, synth_dir, tmp_path):
     strict = predict_folder(tiny_run, synth_dir / "stage_2_test_images", tmp_path / "a", threshold=0.999,
-                            workers=0, save_images=False)
+                            workers=0, images="none")
     assert strict["n_with_boxes"] == 0
     predictor = load_predictor(tiny_run)
     batch = np.random.default_rng(0).integers(0, 255, (2, 64, 64), dtype=np.uint8)
@@ -116,7 +124,7 @@ def test_a_longest_legal_file_name_is_reported_and_the_rest_predicted(tiny_run, 
     shutil.copytree(synth_dir / "stage_2_test_images", images)
     long_name = images / ("a" * 250 + ".dcm")  # 254 characters: legal, but no room for a suffix
     shutil.copy(next(images.glob("*.dcm")), long_name)
-    summary = predict_folder(tiny_run, images, tmp_path / "out", workers=0, save_images=False)
+    summary = predict_folder(tiny_run, images, tmp_path / "out", workers=0, images="none")
     assert summary["n_predicted"] == 8 and summary["n_errors"] == 1
     errors = pd.read_csv(tmp_path / "out" / "errors.csv")
     assert errors["path"].tolist() == [str(long_name)] and "invalid patientId" in errors["reason"][0]
@@ -125,10 +133,10 @@ def test_a_longest_legal_file_name_is_reported_and_the_rest_predicted(tiny_run, 
 def test_one_patient_under_two_names_is_one_row_across_reruns(tiny_run, synth_dir, tmp_path):
     images, out = tmp_path / "images", tmp_path / "out"
     shutil.copytree(synth_dir / "stage_2_test_images", images)
-    predict_folder(tiny_run, images, out, workers=0, save_images=False)
+    predict_folder(tiny_run, images, out, workers=0, images="none")
     first = sorted(images.glob("*.dcm"))[0]
     shutil.copy(first, images / first.stem)  # the same image again, without the suffix
-    summary = predict_folder(tiny_run, images, out, workers=0, save_images=False)
+    summary = predict_folder(tiny_run, images, out, workers=0, images="none")
     sub = pd.read_csv(out / "submission.csv")
     assert len(sub) == 8 and sub["patientId"].is_unique
     errors = pd.read_csv(out / "errors.csv")
@@ -166,12 +174,12 @@ def test_a_png_that_cannot_be_written_stops_the_run_and_leaves_its_image_to_redo
     victim = sorted(images.glob("*.dcm"))[3].stem
     (out / "images" / f"{victim}.png").mkdir(parents=True)  # a directory where the PNG goes
     with pytest.raises(OSError):
-        predict_folder(tiny_run, images, out, workers=0, batch_size=2)
+        predict_folder(tiny_run, images, out, workers=0, batch_size=2, images="full")
     done = {json.loads(p.read_text())["patientId"] for p in (out / ".parts").glob("*.json")}
     assert victim not in done and len(done) == 7  # every other image finished
     (out / "images" / f"{victim}.png").rmdir()
     stamps = {p: p.stat().st_mtime_ns for p in (out / ".parts").glob("*.json")}
-    summary = predict_folder(tiny_run, images, out, workers=0)
+    summary = predict_folder(tiny_run, images, out, workers=0, images="full")
     assert summary["n_predicted"] == 8 and (out / "images" / f"{victim}.png").is_file()
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # only the victim was redone
 
@@ -192,3 +200,74 @@ def test_a_small_file_describing_a_huge_network_fails_before_allocating(tmp_path
     with pytest.raises(ModelError, match="weights that do not fit the config's network: .* tensors missing"):
         load_predictor(path)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KB: nothing near the network
+
+
+def _parts_times(out):
+    return {p.name: p.stat().st_mtime_ns for p in (out / ".parts").glob("*.json")}
+
+
+def test_a_rerun_redoes_what_changed_under_the_same_names(tiny_run, synth_dir, tmp_path):
+    """Finished work is keyed by content: the model's bytes, the input's size and mtime, and how
+    its image is drawn. What changed is redone; what did not is kept."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    shutil.copytree(synth_dir / "stage_2_test_images", images)
+    model = tmp_path / "model.ckpt"
+    shutil.copy(tiny_run / "checkpoints" / "best.ckpt", model)
+    predict_folder(model, images, out, workers=0, images="none")
+    assert not list((out / "images").glob("*")) if (out / "images").exists() else True
+    first = _parts_times(out)
+    settings = (out / ".parts" / "settings.key").stat().st_mtime_ns
+
+    # images asked for now: every image is drawn (the boxes' parts are redone with them)
+    predict_folder(model, images, out, workers=0)
+    assert len(list((out / "images").glob("*.jpg"))) == 8
+    assert (out / ".parts" / "settings.key").stat().st_mtime_ns == settings  # same model: not rewritten
+    drawn = _parts_times(out)
+    assert all(drawn[k] != first[k] for k in first)
+
+    # one DICOM replaced under its name (another patient's pixels): that one alone is redone
+    victims = sorted(images.glob("*.dcm"))
+    shutil.copy(victims[1], victims[0])
+    os.utime(victims[0], ns=(1, 1))
+    predict_folder(model, images, out, workers=0)
+    again = _parts_times(out)
+    assert sum(again[k] != drawn[k] for k in drawn) == 1
+
+    # labels given later: the truth must be drawn, so the images are redone
+    predict_folder(model, images, out, workers=0, labels=synth_dir / "stage_2_test_labels.csv")
+    with_truth = _parts_times(out)
+    assert all(with_truth[k] != again[k] for k in again)
+
+    # a part damaged by a crash is redone, not fatal
+    damaged = sorted((out / ".parts").glob("*.json"))[2]
+    damaged.write_text('{"path": ')
+    predict_folder(model, images, out, workers=0, labels=synth_dir / "stage_2_test_labels.csv")
+    assert json.loads(damaged.read_text())["boxes"] is not None
+
+    # another model copied over the same path: everything is redone
+    ckpt = __import__("torch").load(model, map_location="cpu", weights_only=True)
+    ckpt["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    __import__("torch").save(ckpt, model)
+    before = _parts_times(out)
+    predict_folder(model, images, out, workers=0, images="none")
+    after = _parts_times(out)
+    assert all(after[k] != before[k] for k in before)
+
+
+def test_temporaries_of_a_killed_image_write_are_cleared(tiny_run, synth_dir, tmp_path):
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    stale = out / "images" / ".abc.jpg.x1y2.tmp"
+    stale.write_bytes(b"half an image")
+    mine = out / "images" / "notes.txt"  # not pneumo's: left alone
+    mine.write_text("keep")
+    predict_folder(tiny_run, synth_dir / "stage_2_test_images", out, workers=0)
+    assert not stale.exists() and mine.read_text() == "keep"
+
+
+def test_full_size_images_on_request(tiny_run, synth_dir, tmp_path):
+    out = tmp_path / "out"
+    predict_folder(tiny_run, synth_dir / "stage_2_test_images", out, workers=0, images="full")
+    pictures = sorted((out / "images").iterdir())
+    assert len(pictures) == 8 and all(p.suffix == ".png" for p in pictures)
+    assert Image.open(pictures[0]).width == 256

@@ -78,7 +78,7 @@ def test_predict_labels_writes_the_breakdown(tiny_run, synth_dir, tmp_path):
     images = synth_dir / "stage_2_test_images"
     labels = synth_dir / "stage_2_test_labels.csv"
     out = tmp_path / "pred"
-    predict_folder(tiny_run, images, out, labels=labels, workers=0, save_images=False)
+    predict_folder(tiny_run, images, out, labels=labels, workers=0, images="none")
     score = json.loads((out / "score.json").read_text())
     attributes = {p.stem: {k: pydicom.dcmread(p).get(k) for k in ("PatientSex", "PatientAge", "ViewPosition")}
                   for p in images.glob("*.dcm")}

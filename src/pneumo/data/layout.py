@@ -146,6 +146,22 @@ def dicom_files(folder) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
+def skipped_entries(folder) -> list[tuple[Path, str]]:
+    """The non-hidden entries of a folder that dicom_files leaves out, each with the reason, so
+    that a command can list them (predict's errors.csv) rather than pass over them in silence."""
+    out = []
+    for p in sorted(Path(folder).iterdir()):
+        if p.name.startswith(".") or p.is_file():
+            continue
+        if p.is_symlink() and not p.exists():
+            out.append((p, "a link that leads nowhere (broken, or a loop)"))
+        elif p.is_dir():
+            out.append((p, "a folder: only the files directly inside the images folder are read"))
+        else:
+            out.append((p, "not a regular file (a FIFO, socket or device)"))
+    return out
+
+
 @dataclass
 class Decoded:
     """One file after decoding: metadata and the images asked for, or the reason it failed."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -26,7 +27,8 @@ import numpy as np
 
 from pneumo.boxes import box_records, format_prediction_string
 from pneumo.config import TrainConfig
-from pneumo.data.layout import decode_file, dicom_files
+from pneumo.data.layout import decode_file, dicom_files, skipped_entries
+from pneumo.deploy.parts import Parts, file_key, mark_unusable, remove_stale_temporaries, settings_key
 from pneumo.deploy.registry import model_version_dir, record_test_score, resolve_model
 from pneumo.errors import ConfigError, DataError, ModelError
 from pneumo.io import atomic_save_image, atomic_write_json, atomic_write_text
@@ -54,6 +56,9 @@ class Predictor:
     # the torch network whose heads decode the outputs: net itself, kept when net is replaced
     # (dataclasses.replace(predictor, net=OnnxNet(path)))
     heads: Net | None = None
+    # sha256 of the checkpoint file: what a resumed predict checks its earlier results against
+    # (the same path may hold another model by then)
+    digest: str = ""
 
     def __post_init__(self):
         if self.heads is None:
@@ -120,6 +125,8 @@ def load_predictor(model, threshold: float | None = None, min_box_area: float | 
         net = net_for_weights(config, state)
     except Exception as exc:  # torch raises many types for files that are not pneumo checkpoints
         detail = " ".join(str(exc).split())  # torch lists every mismatched tensor on its own line
+        if "weights_only" in detail:  # torch's advice (weights_only=False) would run the file's code
+            detail = "it holds Python objects besides tensors, and pneumo never runs code from a model file"
         raise ModelError(f"{ckpt_path}: not a pneumo checkpoint, or weights that do not fit its config "
                          f"({type(exc).__name__}: {detail[:300]}{'...' if len(detail) > 300 else ''})") from None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -129,7 +136,9 @@ def load_predictor(model, threshold: float | None = None, min_box_area: float | 
                                                               "min_box_area": config.min_box_area}))
     overrides = {k: float(v) for k, v in (("threshold", threshold), ("min_box_area", min_box_area)) if v is not None}
     name = f"{card['name']}/{card['version']}" if card else str(ckpt_path)
-    return Predictor(net, config, dataclasses.replace(settings, **overrides), name, dev)
+    with open(ckpt_path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return Predictor(net, config, dataclasses.replace(settings, **overrides), name, dev, digest=digest)
 
 
 # ---------------------------------------------------------------- batch
@@ -156,77 +165,62 @@ class _Decoded:
         return decode_file(self.files[i], self.size, keep_full=self.keep_image)
 
 
-def _settings_key(predictor: Predictor, tta: bool) -> str:
-    return hashlib.sha256(json.dumps([predictor.name, predictor.settings.to_dict(), tta,
-                                      predictor.image_size]).encode()).hexdigest()[:16]
+# --images: what each input's annotated image is. preview: half size, JPEG (about 40 KB for a
+# real RSNA image against 600 KB for the full-size PNG: the Kaggle test set's 3,000 images in
+# 0.12 GB instead of 1.8 GB); full: the image's own size, lossless PNG; none: no image.
+IMAGE_KINDS = {"preview": (".jpg", 0.5), "full": (".png", 1.0), "none": (None, None)}
 
 
-def _parts_dir(out: Path, predictor: Predictor, tta: bool) -> Path:
-    """OUT/.parts, emptied of the results of another model or other settings."""
-    parts = out / ".parts"
-    parts.mkdir(parents=True, exist_ok=True)
-    key = _settings_key(predictor, tta)
-    settings = parts / "settings.key"  # not *.json: that name space belongs to the input files
-    if settings.is_file() and json.loads(settings.read_text()).get("key") != key:
-        for p in parts.glob("*.json"):  # other model or settings: start over
-            p.unlink()
-    atomic_write_json(settings, {"key": key, "model": predictor.name})
-    return parts
+def annotated_image(out, patient_id: str) -> Path | None:
+    """The annotated image predict wrote for patient_id into out (either kind), or None."""
+    for suffix in (".jpg", ".png"):
+        path = Path(out) / "images" / f"{patient_id}{suffix}"
+        if path.is_file():
+            return path
+    return None
 
 
 def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tta: bool = False, labels=None,
-                   batch_size: int = 16, workers: int | None = None, save_images: bool = True,
+                   batch_size: int = 16, workers: int | None = None, images: str = "preview",
                    dicom_sr: bool = False, dicom_gsps: bool = False) -> dict:
     """Predict every file of images_dir into out; returns the summary (and the score with labels)."""
     import torch
 
-    from pneumo.render import annotate
-
+    if images not in IMAGE_KINDS:
+        raise ConfigError(f"images={images}: use one of {', '.join(IMAGE_KINDS)}")
     images_dir, out = Path(images_dir), Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: is a file; --out names the directory predictions go into")
     files = _input_files(images_dir)
     predictor = model if isinstance(model, Predictor) else load_predictor(model, threshold, min_box_area)
-    parts = _parts_dir(out, predictor, tta)
     gt = None
     if labels:
         from pneumo.data.layout import read_labels
 
         gt = read_labels(labels)
-
-    def part_path(path: Path) -> Path:
-        # named by a hash: an input name may be as long as the file system allows, and the
-        # part file adds a suffix (and its temporary file a prefix) to it
-        return parts / f"{hashlib.sha256(path.name.encode('utf-8', 'surrogateescape')).hexdigest()[:32]}.json"
-
-    _mark_duplicates(files, part_path)
-    todo = [f for f in files if not part_path(f).is_file()]
+    # what shapes an image besides the model: its kind and the truth drawn on it
+    drawing = None if images == "none" else [images, file_key(labels) if labels else None]
+    # the model by its bytes, not its path: another model copied over the same file starts over
+    key = settings_key(predictor.digest or predictor.name, predictor.settings.to_dict(), tta, predictor.image_size)
+    parts = Parts(out, key, predictor.name, drawing, files)
+    mark_unusable(files, parts)
+    todo = [f for f in files if not parts.done(f)]
     if len(todo) < len(files):
         log.info("skipping %d files done by an earlier run", len(files) - len(todo))
-    if save_images:
+    if images != "none":
         (out / "images").mkdir(exist_ok=True)
+        remove_stale_temporaries(out / "images")
     n_workers = workers if workers is not None else min(2, os.cpu_count() or 1)
-    loader = torch.utils.data.DataLoader(_Decoded(todo, predictor.image_size, save_images), batch_size=batch_size,
-                                         num_workers=n_workers if len(todo) > batch_size else 0,
+    loader = torch.utils.data.DataLoader(_Decoded(todo, predictor.image_size, images != "none"),
+                                         batch_size=batch_size, num_workers=n_workers if len(todo) > batch_size else 0,
                                          collate_fn=list, worker_init_fn=child_initializer())
     start = time.perf_counter()
-
-    def finish(item, boxes, conf) -> None:
-        # the part file is written after the PNG: a killed run never marks an image done whose
-        # PNG is missing, and the re-run draws it again
-        path, (rows, columns) = Path(item.path), item.shape
-        if save_images:
-            truth = gt.get(item.patientId, ()) if gt is not None else ()
-            atomic_save_image(out / "images" / f"{item.patientId}.png", annotate(item.full, boxes, conf, truth),
-                              compress_level=1)
-        atomic_write_json(part_path(path), {"path": str(path), "patientId": item.patientId,
-                                            "image_size": [rows, columns], "boxes": box_records(boxes, conf),
-                                            "meta": {k: item.meta.get(k) for k in SUBGROUP_FIELDS}})
-
-    png_threads = max(1, min(4, (os.cpu_count() or 2) // 2)) if save_images else 1  # one per two cores
-    _infer(loader, predictor, tta, finish, part_path, png_threads, batch_size)
+    finish = functools.partial(_finish, parts=parts, out=out, images=images, gt=gt)
+    png_threads = max(1, min(4, (os.cpu_count() or 2) // 2)) if images != "none" else 1  # one per two cores
+    _infer(loader, predictor, tta, finish, parts, png_threads, batch_size)
     seconds = time.perf_counter() - start
-    summary = _assemble(files, part_path, out, predictor, gt, len(todo), seconds, (dicom_sr, dicom_gsps))
+    summary = _assemble(files, parts.path, out, predictor, gt, len(todo), seconds, (dicom_sr, dicom_gsps),
+                        skipped=skipped_entries(images_dir))
     if gt is not None and (version := model_version_dir(model)) is not None:  # the card gets its test score
         changed = {"threshold": threshold, "min_box_area": min_box_area, "tta": tta or None}
         record_test_score(version, json.loads((out / "score.json").read_text()), images_dir,
@@ -234,7 +228,24 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
     return summary
 
 
-def _infer(loader, predictor: Predictor, tta: bool, finish, part_path, threads: int, batch_size: int) -> None:
+def _finish(item, boxes, conf, *, parts: Parts, out: Path, images: str, gt) -> None:
+    """One image's annotated image and part file. The part is written after the image: a killed
+    run never marks an image done whose image is missing, and the re-run draws it again."""
+    from pneumo.render import annotate
+
+    path, (rows, columns) = Path(item.path), item.shape
+    if images != "none":
+        suffix, scale = IMAGE_KINDS[images]
+        truth = gt.get(item.patientId, ()) if gt is not None else ()
+        picture = annotate(item.full, boxes, conf, truth, title=item.patientId, scale=scale)
+        options = {"format": "JPEG", "quality": 85} if suffix == ".jpg" else {"compress_level": 1}
+        atomic_save_image(out / "images" / f"{item.patientId}{suffix}",
+                          picture.convert("RGB") if suffix == ".jpg" else picture, **options)
+    parts.write(path, {"path": str(path), "patientId": item.patientId, "image_size": [rows, columns],
+                       "boxes": box_records(boxes, conf), "meta": {k: item.meta.get(k) for k in SUBGROUP_FIELDS}})
+
+
+def _infer(loader, predictor: Predictor, tta: bool, finish, parts: Parts, threads: int, batch_size: int) -> None:
     """Run the network over the loader's batches and hand each image's boxes to finish.
 
     finish (drawing and encoding the PNG: ~25-35 ms of zlib per 1024 px image, the GIL released)
@@ -248,7 +259,7 @@ def _infer(loader, predictor: Predictor, tta: bool, finish, part_path, threads: 
             good = [item for item in batch if item.error is None]
             for item in batch:
                 if item.error is not None:
-                    atomic_write_json(part_path(Path(item.path)), {"path": item.path, "error": item.error})
+                    parts.write(Path(item.path), {"path": item.path, "error": item.error})
             if not good:
                 continue
             probs, opacity = predictor.outputs(np.stack([item.image for item in good]),
@@ -263,30 +274,20 @@ def _infer(loader, predictor: Predictor, tta: bool, finish, part_path, threads: 
             pending.popleft().result()
 
 
-def _mark_duplicates(files, part_path) -> None:
-    """One patientId, one row: a later name of the same stem (abc, abc.dcm) is an error, decided
-    over the whole folder so that a re-run after a new name appeared cannot add a second row."""
-    first_of: dict[str, Path] = {}
-    for f in files:
-        if f.stem in first_of:
-            atomic_write_json(part_path(f), {"path": str(f), "error": f"duplicate patientId (also {first_of[f.stem]})"})
-        else:
-            first_of[f.stem] = f
-
-
 def _printable(text: str) -> str:
     """text with the bytes of a non-UTF-8 file name (lone surrogates) as backslash escapes."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _assemble(files, part_path, out: Path, predictor: Predictor, gt, n_new: int, seconds: float,
-              dicom=(False, False)) -> dict:
+              dicom=(False, False), skipped=()) -> dict:
     """The final files from the per-image parts, each written atomically; dicom = (SR, GSPS) wanted."""
     annotations, submission = {}, ["patientId,PredictionString"]
     errors = io.StringIO()
     error_rows = csv.writer(errors, lineterminator="\n")
     error_rows.writerow(["path", "reason"])
-    n_errors = 0
+    error_rows.writerows([_printable(str(path)), _printable(reason)] for path, reason in skipped)
+    n_errors = len(skipped)
     attributes = {}  # patientId -> the DICOM fields subgroups are made of
     for f in files:
         record = json.loads(part_path(f).read_text())
