@@ -200,3 +200,35 @@ def test_data_dir_twice_or_never_is_one_usage_error(tmp_path, capsys):
 def test_synth_refuses_a_size_below_its_minimum(tmp_path):
     out = _run("synth", tmp_path / "d", "--size", "32")
     assert out.returncode == 2 and "must be at least 64" in out.stderr and "Traceback" not in out.stderr
+
+
+def _run_limited(args, file_size_limit: int):
+    """pneumo with the file size limit set (a full disk as the writer sees it: EFBIG)."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the error, not the signal that kills
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    return subprocess.run([sys.executable, "-m", "pneumo", *map(str, args)], capture_output=True, text=True,
+                          preexec_fn=limit, timeout=300)
+
+
+def test_a_full_disk_or_a_forbidden_folder_is_one_line(tmp_path):
+    out = _run_limited(["synth", tmp_path / "d", "--n-train", "4", "--n-test", "1", "--size", "256",
+                        "--workers", "1"], file_size_limit=4096)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1, out.stderr[-2000:]
+    assert lines[0].startswith(f"pneumo: error: {tmp_path / 'd'}/stage_2_train_images/")
+    assert ".dcm: File too large" in lines[0] and "re-run resumes" in lines[0]
+    out = subprocess.run([sys.executable, "-m", "pneumo", "synth", "/sys/pneumo-test", "--n-train", "2"],
+                         capture_output=True, text=True)  # sysfs refuses a new folder, even to root
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and "/sys/pneumo-test" in lines[0], out.stderr[-2000:]
+
+
+def test_synth_sizes_are_bounded(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pneumo", "synth", str(tmp_path / "d"), "--size", "100000"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "must be at most 4096" in out.stderr

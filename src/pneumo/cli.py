@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import sys
@@ -21,11 +22,13 @@ from pneumo.errors import PneumoError
 log = logging.getLogger("pneumo")
 
 
-def _int_at_least(minimum: int):
+def _int_at_least(minimum: int, maximum: int | None = None):
     def parse(text: str) -> int:
         value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{text}: must be at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{text}: must be at most {maximum}")
         return value
 
     parse.__name__ = "int"  # argparse names the type in "invalid int value"
@@ -279,12 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("synth", "write a synthetic RSNA-layout dataset")
     _add_data_dir(p, "folder to write into: new, empty, or one synth wrote")
-    p.add_argument("--n-train", type=_positive_int, default=400, metavar="N", help="labelled training images")
-    p.add_argument("--n-test", type=_positive_int, default=60, metavar="N",
+    p.add_argument("--n-train", type=_int_at_least(1, 100_000), default=400, metavar="N",
+                   help="labelled training images")
+    p.add_argument("--n-test", type=_int_at_least(1, 100_000), default=60, metavar="N",
                    help="test images (labels in stage_2_test_labels.csv)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed: the same seed writes the same images")
-    p.add_argument("--size", type=_int_at_least(64), default=1024, metavar="PX",  # make_dataset's minimum
-                   help="image side in pixels, at least 64 (RSNA: 1024)")
+    p.add_argument("--size", type=_int_at_least(64, 4096), default=1024, metavar="PX",  # make_dataset's minimum
+                   help="image side in pixels, 64 to 4096 (RSNA: 1024)")
     _workers_option(p)
     p.set_defaults(func=cmd_synth)
 
@@ -375,6 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_HINTS = {
+    errno.ENOSPC: " (free some space, or give --out on another disk; a re-run resumes)",
+    errno.EDQUOT: " (over your disk quota; a re-run resumes)",
+    errno.EFBIG: " (over the file size limit; a re-run resumes)",
+    errno.EROFS: " (a read-only file system: give --out a writable folder)",
+    errno.EACCES: " (no permission: give --out a folder you can write)",
+}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -383,6 +396,16 @@ def main(argv=None) -> int:
         return args.func(args)
     except PneumoError as exc:
         print(f"pneumo: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        from pneumo.io import system_error
+
+        cause = system_error(exc)
+        if cause is None or args.verbose:  # not the file system's answer: a bug, with its traceback
+            raise
+        # full disk, read-only or forbidden folder, ...: the file system's reason, on one line
+        where = cause.filename if cause.filename is not None else "writing the outputs"
+        print(f"pneumo: error: {where}: {cause.strerror}{_HINTS.get(cause.errno, '')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("pneumo: interrupted", file=sys.stderr)

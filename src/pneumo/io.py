@@ -18,6 +18,18 @@ def _umask() -> int:
     return mask
 
 
+def system_error(exc: BaseException) -> OSError | None:
+    """The OSError with the system's errno behind exc (libraries such as pydicom re-raise it
+    without the errno, the original as the cause), or None."""
+    for _ in range(8):
+        if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        if exc is None:
+            return None
+    return None
+
+
 @contextmanager
 def atomic_file(path, mode: str = "wb"):
     """Yield a file object open on a temporary sibling that becomes path only if the block
@@ -34,6 +46,12 @@ def atomic_file(path, mode: str = "wb"):
             # new one, never an empty file (ext4 may commit the rename before the data)
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        cause = system_error(exc)
+        if cause is not None and cause.filename is None:  # a writer's error says what failed, not where
+            raise OSError(cause.errno, cause.strerror, str(path)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
