@@ -24,6 +24,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from pneumo.deploy.cardfile import read_card
 from pneumo.errors import ModelError, RunError
 from pneumo.io import atomic_write_json, atomic_write_text
 from pneumo.training.rundir import RunDir, read_json
@@ -67,7 +68,7 @@ def resolve_model(path) -> tuple[Path, dict]:
     if path.is_file():
         return path, {}
     if (path / MODEL_CHECKPOINT).is_file():
-        return path / MODEL_CHECKPOINT, read_json(path / MODEL_CARD)
+        return path / MODEL_CHECKPOINT, read_card(path / MODEL_CARD)
     run_dir = RunDir(path)
     if run_dir.best_checkpoint.is_file():
         return run_dir.best_checkpoint, {}
