@@ -114,12 +114,13 @@ def test_a_timm_checkpoint_predicts_and_exports_with_no_network(synth_dir, tmp_p
 
 
 def test_shipped_training_profiles_pass_their_parts_checks():
-    """params/real-cpu*.yaml: plain TrainConfig files whose encoder and head the parts accept."""
+    """params/real-cpu*.yaml and full-cpu.yaml: plain TrainConfig files whose encoder and head the parts accept."""
     from pathlib import Path
 
     from pneumo.config import load_config
 
-    profiles = sorted((Path(__file__).resolve().parents[2] / "params").glob("real-cpu*.yaml"))
-    assert profiles
+    params = Path(__file__).resolve().parents[2] / "params"
+    profiles = [*sorted(params.glob("real-cpu*.yaml")), params / "full-cpu.yaml"]
+    assert len(profiles) >= 2
     for path in profiles:
         check_config(load_config(path))
