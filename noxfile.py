@@ -70,7 +70,7 @@ def install(session: nox.Session, extras: str = "dev") -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite (CPU only; pass pytest arguments after --, e.g. -m 'not slow')."""
-    install(session)
+    install(session, extras="dev,postgres")  # postgres: the PostgreSQL study tests (tests/sweeps/test_postgres.py)
     session.run("pytest", *session.posargs, env={"PNEUMO_NO_PROGRESS": "1"})
 
 

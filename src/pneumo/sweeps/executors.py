@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from pneumo.sweeps.cluster import close as close_dask
-from pneumo.sweeps.cluster import dask_client
+from pneumo.sweeps.cluster import dask_client, keep_jobs
 from pneumo.sweeps.runner import execute_run
 from pneumo.sweeps.slots import Slot, slots, visible_gpus
 from pneumo.sweeps.statusboard import StatusBoard
@@ -145,15 +145,22 @@ class DaskExecutor:
 
     def __init__(self, client, cluster=None, owns_client: bool = True):
         self.client, self.cluster, self.owns_client = client, cluster, owns_client
+        self._stop_keeping = threading.Event()
+        keep_jobs(cluster, self._stop_keeping)  # a SLURM/HTCondor/PBS job that ended is submitted again
 
     def _gpu_workers(self) -> bool:
         workers = self.client.scheduler_info().get("workers", {})
         return any(w.get("resources", {}).get("GPU") for w in workers.values())
 
+    def _planned(self) -> int:
+        """Workers the cluster was asked for (a jobqueue cluster's jobs start one by one); 0: unknown."""
+        return len(getattr(self.cluster, "plan", ()) or ())
+
     def describe(self) -> str:
-        workers = self.client.scheduler_info().get("workers", {})
+        workers = len(self.client.scheduler_info().get("workers", {}))
         gpu = "one GPU per run (resource GPU=1)" if self._gpu_workers() else "CPU workers"
-        return f"Dask cluster {self.client.scheduler.address}: {len(workers)} workers, {gpu}"
+        count = f"{workers} of {self._planned()}" if self._planned() > workers else f"{workers}"
+        return f"Dask cluster {self.client.scheduler.address}: {count} workers, {gpu}"
 
     def whole_machine(self) -> DaskExecutor:
         return self
@@ -215,7 +222,7 @@ class DaskExecutor:
         from distributed import as_completed
 
         gpu = self._gpu_workers()
-        width = max(1, len(self.client.scheduler_info().get("workers", {})))
+        width = max(1, self._planned(), len(self.client.scheduler_info().get("workers", {})))
         board, futures, results = StatusBoard([], runs_root), {}, []
         pending = as_completed([], with_results=False)
 
@@ -242,6 +249,7 @@ class DaskExecutor:
         return results
 
     def close(self) -> None:
+        self._stop_keeping.set()
         close_dask(self.client if self.owns_client else None, self.cluster)
 
 

@@ -21,12 +21,19 @@ import threading
 import time
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from pneumo.config import TrainConfig
 from pneumo.errors import ConfigError, SweepError, shown
 from pneumo.limits import MAX_SEARCH_STEPS, MAX_SWEEP_RUNS
 from pneumo.paths import absolute
+from pneumo.sweeps.storage import (  # noqa: F401 (default_storage, shown_url: the sweep's, through this module)
+    GRACE_S,
+    HEARTBEAT_S,
+    default_storage,
+    open_storage,
+    original_number,
+    shown_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +44,6 @@ PRUNERS = {"none": set(), "median": {"n_startup_trials", "n_warmup_steps"},
            "threshold": {"lower", "n_warmup_steps"}}  # stop any trial whose val/map is below lower
 OBJECTIVES = ("val/map",)  # maximised: the official RSNA metric of the validation split
 TRIAL_ENV = "PNEUMO_TRIAL"  # how a trial's process finds its study (JSON: storage, study, trial, pruner)
-HEARTBEAT_S, GRACE_S = 5, 15  # a trial silent for GRACE_S belongs to a sweep that is gone
-RETRIES = 3  # times a trial of a killed sweep is enqueued again
 
 
 @dataclass(frozen=True)
@@ -180,47 +185,6 @@ def data_variants(spec: SearchSpec, base: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------- study
-
-
-def default_storage(sweeps_root: Path, name: str) -> str:
-    path = (sweeps_root / name / "study.db").resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
-
-
-def shown_url(url: str) -> str:
-    """The storage URL without its password (it is printed and logged)."""
-    import re
-
-    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
-
-
-def open_storage(url: str, heartbeat: bool = True):
-    """RDB storage; the sweep records the heartbeats, so a trial of a killed sweep goes stale."""
-    import optuna
-
-    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None  # writers from many processes
-    if not heartbeat:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
-    retry = _retry_callback()
-    kwargs = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S}
-    try:  # Optuna >= 5 names the callback for what it does
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_stale_trial_callback=retry, **kwargs)
-    except TypeError:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine, failed_trial_callback=retry, **kwargs)
-
-
-def _retry_callback():
-    import optuna.storages as s
-
-    cls = getattr(s, "RetryHeartbeatStaleTrialCallback", None) or s.RetryFailedTrialCallback
-    return cls(max_retry=RETRIES, inherit_intermediate_values=True)
-
-
-def original_number(frozen) -> int:
-    """The trial a retried trial repeats (its run directory), else its own number."""
-    number = _retry_callback().retried_trial_number(frozen)
-    return frozen.number if number is None else number
 
 
 def make_sampler(spec: SearchSpec, offset: int = 0):

@@ -146,6 +146,7 @@ def _trainer(config: TrainConfig, run_dir: RunDir, callbacks: list, accelerator:
     checkpoints in the run directory, the accelerator and precision of this machine."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.plugins.environments import LightningEnvironment
 
     from pneumo.progress import training_bar_enabled
     from pneumo.training.callbacks import RunLogger
@@ -164,6 +165,8 @@ def _trainer(config: TrainConfig, run_dir: RunDir, callbacks: list, accelerator:
         enable_progress_bar=training_bar_enabled(), enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=10, max_time={"minutes": config.max_time} if config.max_time else None,
         default_root_dir=str(run_dir.path),
+        # one process, one device: a SLURM job (a Dask worker's) is the run's host, not its launcher
+        plugins=[LightningEnvironment()],
     )
     return trainer, checkpoint
 
@@ -199,6 +202,9 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
     warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=".*treespec.*")
+    # on any machine with SLURM's client (a login node, a Dask worker's job) Lightning asks for srun,
+    # which launches multi-process runs; a run here is one process (LightningEnvironment, _trainer)
+    warnings.filterwarnings("ignore", message="The `srun` command is available")
 
 
 def hparam_values(config: TrainConfig) -> dict:
