@@ -31,31 +31,9 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENS = ROOT / "outputs" / "lab-screens"
-CHROMIUM = Path(os.environ.get("PNEUMO_CHROMIUM", "/usr/bin/chromium"))
-# a closed network: nothing may phone home, and no GPU or sandbox in a CI container
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 # the one-epoch run of 02-train: its parameters cell, as a person would edit it
 TRAIN_PARAMETERS = {"epochs": 1, "image_size": 64, "width": 4, "depth": 3, "batch_size": 8, "n_val_images": 4}
 VIEWPORT = {"width": 1400, "height": 1000}
-
-
-def _require(ok: bool, reason: str) -> None:
-    if not ok:
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; CI must run this test (.ci/run installs it)")
-        pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def sync_playwright():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-    _require(sync_playwright is not None, "Playwright for Python is not installed (pip install -e '.[dev]')")
-    _require(os.access(CHROMIUM, os.X_OK), f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    return sync_playwright
 
 
 def _set_parameters(path: Path, values: dict) -> None:
@@ -143,14 +121,6 @@ def _wait_for_server(server, status_url: str, log: Path, timeout: float = 120) -
     pytest.fail(f"jupyter lab did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def browser(sync_playwright):
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
-        yield chromium
-        chromium.close()
-
-
 # ---- driving JupyterLab as a person does --------------------------------------------------------
 
 def _open(page, lab, name: str):
@@ -167,10 +137,13 @@ def _wait_idle(page, timeout: float = 120_000) -> None:
     page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=timeout)
 
 
-def _run_all(page, panel, timeout: float) -> None:
-    """Run > Run All Cells, then wait until every code cell has its execution number."""
+def _run_all(page, panel, timeout: float, while_running=None) -> None:
+    """Run > Run All Cells, then wait until every code cell has its execution number
+    (while_running(page, panel) is called in between, as the cells run)."""
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+    if while_running is not None:
+        while_running(page, panel)
     page.wait_for_function(
         """() => { const panel = [...document.querySelectorAll('.jp-NotebookPanel')].find(p => p.checkVisibility());
                    const prompts = [...panel.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]
@@ -304,7 +277,7 @@ def _explore(page, lab) -> None:
 
 def _train(page, lab, project: Path) -> Path:
     panel = _open(page, lab, "02-train.ipynb")
-    _run_all(page, panel, timeout=480_000)
+    _run_all(page, panel, timeout=480_000, while_running=_training_shows_progress)
     _screenshot_cells(panel, "02-train")
     _check_outputs(panel, "02-train", min_images=2)  # learning curves, validation predictions
     runs = sorted((project / "outputs" / "runs" / "train").iterdir())
@@ -313,6 +286,15 @@ def _train(page, lab, project: Path) -> Path:
     assert len(metrics["history"]) == TRAIN_PARAMETERS["epochs"]
     assert panel.locator(".jp-OutputArea-output").get_by_text("best val mAP").count() == 1
     return runs[0]
+
+
+def _training_shows_progress(page, panel) -> None:
+    """Mid-training, a person sees which device trains and a live progress bar (Lightning's rich
+    bar, rendered in the cell as it advances: "Epoch 0/0 ━━━ 5/5 ... train/loss"), not a silent cell."""
+    outputs = panel.locator(".jp-OutputArea-output")
+    outputs.get_by_text(re.compile(r"training on (cpu|gpu|cuda)", re.I)).first.wait_for(timeout=240_000)
+    outputs.get_by_text(re.compile(r"Epoch \d+/\d+")).first.wait_for(timeout=240_000)
+    page.screenshot(path=SCREENS / "02-train-mid-training.png", full_page=True)
 
 
 def _predict(page, lab, project: Path, run: Path) -> None:

@@ -270,6 +270,88 @@ def test_any_params_yaml_is_a_config_or_one_config_error(tmp_path, values, garba
             pass
 
 
+NESTED = st.recursive(YAML_SCALARS, lambda inner: st.lists(inner, max_size=4)
+                      | st.dictionaries(st.text(max_size=5), inner, max_size=4), max_leaves=40)
+NON_FINITE = st.sampled_from([".inf", "-.inf", ".nan", ".NaN", "1e999", "-1e999"])
+
+
+@st.composite
+def _anchored(draw):
+    """YAML whose anchors stand for width ** depth items ("billion laughs" when both are large)."""
+    width, depth = draw(st.integers(1, 12)), draw(st.integers(1, 9))
+    lines = [f"a0: &a0 [{', '.join(['x'] * width)}]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]" for i in range(1, depth)]
+    return "\n".join(lines) + f"\n{draw(TRAIN_KEYS)}: *a{depth - 1}\n", width ** depth
+
+
+@PROPERTY
+@given(key=TRAIN_KEYS, value=st.one_of(NESTED, NON_FINITE.map(lambda text: ("raw", text))), anchored=_anchored())
+def test_nesting_size_and_non_finite_numbers_cost_nothing_and_are_one_line(tmp_path, key, value, anchored):
+    """Any nesting, a YAML anchor bomb or a non-finite number in a params file: a TrainConfig whose
+    numbers are all finite, or one ConfigError line of bounded length, in well under a second."""
+    import math
+    import time
+
+    import yaml
+
+    from pneumo.config import load_config
+
+    text = f"{key}: {value[1]}\n" if isinstance(value, tuple) else yaml.safe_dump({key: value})
+    for document in (text, anchored[0]):
+        path = _write(tmp_path, "params.yaml", document)
+        start = time.perf_counter()
+        try:
+            config = load_config(path)
+        except PneumoError as exc:
+            assert "\n" not in str(exc) and len(str(exc)) < 600, str(exc)[:2000]
+        else:
+            assert all(math.isfinite(v) for v in config.to_dict().values() if isinstance(v, float))
+        assert time.perf_counter() - start < 2  # the anchored bomb is refused before anything formats it
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_run):
+    import torch
+
+    return torch.load(tiny_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+
+
+MODEL_NUMBERS = st.one_of(st.integers(-10, 10**12), st.floats(allow_nan=True, allow_infinity=True), NESTED)
+
+
+@settings(PROPERTY, max_examples=40)  # each example saves and loads a checkpoint
+@given(config=st.dictionaries(st.sampled_from(["width", "depth", "image_size", "threshold", "min_box_area", "head",
+                                               "encoder", "classifier", "lr"]), MODEL_NUMBERS, max_size=3),
+       postprocess=st.dictionaries(st.sampled_from(["threshold", "min_box_area", "max_boxes", "gate", "merge"]),
+                                   MODEL_NUMBERS, max_size=3))
+def test_a_model_file_with_any_config_loads_or_is_one_model_error(tmp_path, checkpoint, config, postprocess):
+    """A checkpoint's own config and post-processing, hostile or careless (huge sizes, nesting,
+    non-finite numbers): the predictor loads or the load is one PneumoError, cheaply."""
+    import copy
+    import time
+
+    import torch
+
+    from pneumo.deploy.predict import load_predictor
+
+    ckpt = copy.deepcopy(checkpoint)
+    ckpt["hyper_parameters"]["config"].update(config)
+    ckpt.setdefault("pneumo", {}).setdefault("postprocess", {}).update(postprocess)
+    path = tmp_path / "model.ckpt"
+    torch.save(ckpt, path)
+    start = time.perf_counter()
+    try:
+        load_predictor(path, device="cpu")
+    except PneumoError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 1000
+    assert time.perf_counter() - start < 10  # never builds a network the weights do not fit
+
+
+JSON_VALUES = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8)),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                      max_size=4), max_leaves=30)
+
+
 # ---------------------------------------------------------------- HTTP uploads
 
 
@@ -320,3 +402,21 @@ def test_any_multipart_upload_gives_back_exactly_its_bytes_or_a_4xx(upload_clien
         return
     assert r.status_code == 200, r.text
     assert r.json()["n"] == len(payload)  # nothing lost, nothing added
+
+
+@settings(PROPERTY, max_examples=60)
+@given(extra=st.dictionaries(st.sampled_from(["filename", "patientId", "x"]), JSON_VALUES, max_size=3),
+       payload=st.binary(max_size=200), depth=st.integers(0, 3000), literal=st.sampled_from(["NaN", "Infinity", "1"]))
+def test_any_json_upload_is_read_or_refused_with_a_4xx(upload_client, extra, payload, depth, literal):
+    """JSON uploads with nesting, size and non-finite numbers (NaN and Infinity literals, which
+    Python's json accepts) beside the DICOM: read, or a 4xx with the reason; never a 500."""
+    import base64
+    import json
+
+    body = json.dumps({"dicom_base64": base64.b64encode(payload).decode(), **extra})
+    nested = "[" * depth + literal + "]" * depth
+    for text in (body, body[:-1] + f', "deep": {nested}}}'):
+        r = upload_client.post("/upload", content=text.encode(), headers={"content-type": "application/json"})
+        assert r.status_code == 200 or 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+        if r.status_code == 200:
+            assert r.json()["n"] == len(payload)

@@ -123,35 +123,69 @@ def swept_runs(synth_dir, tmp_path_factory):
     return root, spec
 
 
-@pytest.mark.slow  # trains two real runs and starts TensorBoard
-def test_tensorboard_opens_on_what_was_swept(swept_runs, tmp_path):
-    root, spec = swept_runs
-    port, log = _free_port(), tmp_path / "tensorboard.log"
+@pytest.fixture(scope="module")
+def tensorboard(swept_runs, tmp_path_factory):
+    """TensorBoard (the installed one, in a process of its own) on the swept runs: its base URL."""
+    root, _ = swept_runs
+    port, log = _free_port(), tmp_path_factory.mktemp("tensorboard") / "tensorboard.log"
     with log.open("wb") as out:
         server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(root), "--port", str(port),
                                    "--host", "127.0.0.1", "--load_fast=false", "--reload_interval", "1"],
                                   stdout=out, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        runs = _wait_for_runs(url, {"01", "02"}, server, log)
-        assert not [r for r in runs if r.endswith("tensorboard")], runs  # a run is named after its directory
-        experiment = _get(f"{url}/data/plugin/hparams/experiment", {"experimentName": ""})
-        infos = experiment["hparamInfos"]
-        assert [i["name"] for i in infos[:2]] == ["lr", "optimizer"] and all(i.get("differs") for i in infos[:2])
-        assert not any(i.get("differs") for i in infos[2:])
-        assert infos[1]["domainDiscrete"] == ["adam", "sgd"] and infos[0]["domainDiscrete"] == [0.001, 0.03]
-        assert experiment["metricInfos"][0]["name"]["tag"] == "hp/val_map"
-        groups = _get(f"{url}/data/plugin/hparams/session_groups",
-                      {"experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_RUNNING"],
-                       "colParams": [{"hparam": "optimizer"}, {"hparam": "augment"}], "startIndex": 0,
-                       "sliceSize": 10})
-        shown = {g["name"]: {k: g["hparams"][k] for k in ("optimizer", "lr", "augment")}
-                 for g in groups["sessionGroups"]}
-        assert shown == {"01": {"optimizer": "adam", "lr": 0.001, "augment": "true"},
-                         "02": {"optimizer": "sgd", "lr": 0.03, "augment": "true"}}  # a boolean reads "true"
-        scalars = _get(f"{url}/data/plugin/scalars/scalars?run=01&tag=epoch/val_map")
-        assert [step for _, step, _ in scalars] == [1, 2]  # against epochs, not batches
-        print(json.dumps({"runs": runs, "experiment": experiment, "session_groups": groups}, indent=1))
+        _wait_for_runs(url, {"01", "02"}, server, log)
+        yield url
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.slow  # trains two real runs and starts TensorBoard
+def test_tensorboard_opens_on_what_was_swept(tensorboard):
+    url = tensorboard
+    runs = _get(f"{url}/data/runs")
+    assert not [r for r in runs if r.endswith("tensorboard")], runs  # a run is named after its directory
+    experiment = _get(f"{url}/data/plugin/hparams/experiment", {"experimentName": ""})
+    infos = experiment["hparamInfos"]
+    assert [i["name"] for i in infos[:2]] == ["lr", "optimizer"] and all(i.get("differs") for i in infos[:2])
+    assert not any(i.get("differs") for i in infos[2:])
+    assert infos[1]["domainDiscrete"] == ["adam", "sgd"] and infos[0]["domainDiscrete"] == [0.001, 0.03]
+    assert experiment["metricInfos"][0]["name"]["tag"] == "hp/val_map"
+    groups = _get(f"{url}/data/plugin/hparams/session_groups",
+                  {"experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_RUNNING"],
+                   "colParams": [{"hparam": "optimizer"}, {"hparam": "augment"}], "startIndex": 0,
+                   "sliceSize": 10})
+    shown = {g["name"]: {k: g["hparams"][k] for k in ("optimizer", "lr", "augment")}
+             for g in groups["sessionGroups"]}
+    assert shown == {"01": {"optimizer": "adam", "lr": 0.001, "augment": "true"},
+                     "02": {"optimizer": "sgd", "lr": 0.03, "augment": "true"}}  # a boolean reads "true"
+    scalars = _get(f"{url}/data/plugin/scalars/scalars?run=01&tag=epoch/val_map")
+    assert [step for _, step, _ in scalars] == [1, 2]  # against epochs, not batches
+    print(json.dumps({"runs": runs, "experiment": experiment, "session_groups": groups}, indent=1))
+
+
+SCREENS = Path(__file__).resolve().parents[2] / "outputs" / "tensorboard-screens"
+
+
+@pytest.mark.slow
+def test_tensorboard_in_a_browser_shows_the_comparison(tensorboard, browser):
+    """What a person sees on opening TensorBoard on a sweep: HParams' table with the swept
+    parameters (optimizer, lr) as its first columns beside best val mAP, and the headline scalars.
+    Screenshots in outputs/tensorboard-screens/."""
+    SCREENS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page(viewport={"width": 1800, "height": 900})  # wide enough for the metric columns
+    try:
+        page.goto(f"{tensorboard}/#hparams")
+        page.get_by_text("adam", exact=True).first.wait_for(timeout=60_000)  # a row of the table view
+        columns = [h.strip() for h in page.locator(".table-header").all_inner_texts()]
+        assert columns[:4] == ["Trial ID", "Show Metrics", "lr", "optimizer"], columns
+        assert "best val mAP" in columns, columns
+        assert page.get_by_text("sgd", exact=True).first.is_visible()  # both runs are rows
+        page.screenshot(path=SCREENS / "hparams.png", full_page=True)
+        page.goto(f"{tensorboard}/#scalars")
+        page.get_by_text("epoch/val_map").first.wait_for(timeout=60_000)
+        page.wait_for_timeout(2000)  # let the charts draw their lines
+        page.screenshot(path=SCREENS / "scalars.png", full_page=True)
+    finally:
+        page.close()

@@ -10,6 +10,7 @@ import time
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from pneumo.boxes import scale
@@ -55,6 +56,15 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return str(device)
+
+
+class EpochProgressBar(RichProgressBar):
+    """Lightning's rich bar, its epochs counted as the run's own lines count them: "Epoch 3/20",
+    not Lightning's 0-based "Epoch 2/19" (a one-epoch run read "Epoch 0/0")."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        text = f"Epoch {current_epoch + 1}" + (f"/{self.trainer.max_epochs}" if self.trainer.max_epochs else "")
+        return f"{text:{len(self.validation_description)}}"
 
 
 def say(trainer, line: str) -> None:

@@ -149,7 +149,7 @@ def _trainer(config: TrainConfig, run_dir: RunDir, callbacks: list, accelerator:
     from lightning.pytorch.plugins.environments import LightningEnvironment
 
     from pneumo.progress import training_bar_enabled
-    from pneumo.training.callbacks import RunLogger
+    from pneumo.training.callbacks import EpochProgressBar, RunLogger
 
     # TensorBoard names the run after its directory (the events are in it, RunDir.events_dir)
     logger = RunLogger(run_dir.events_dir)
@@ -161,7 +161,8 @@ def _trainer(config: TrainConfig, run_dir: RunDir, callbacks: list, accelerator:
                                  enable_version_counter=False)
     trainer = L.Trainer(
         max_epochs=config.epochs, accelerator=accelerator, devices=1, precision=_precision(config, accelerator),
-        logger=logger, callbacks=[*callbacks, checkpoint], deterministic=accelerator == "cpu",
+        logger=logger, callbacks=[*callbacks, checkpoint, *[EpochProgressBar()] * training_bar_enabled()],
+        deterministic=accelerator == "cpu",
         enable_progress_bar=training_bar_enabled(), enable_model_summary=False, num_sanity_val_steps=0,
         log_every_n_steps=10, max_time={"minutes": config.max_time} if config.max_time else None,
         default_root_dir=str(run_dir.path),
