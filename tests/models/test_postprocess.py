@@ -1,20 +1,11 @@
 import numpy as np
+from blob_maps import blob_map
 
 from pneumo.models.postprocess import PostProcess, apply, merge_overlapping, shape_boxes
 
 
-def _blob_map(boxes_px, size=64, frame=1024, level=0.9, noise=0.05, seed=0):
-    """A probability map with a bright blob on each box (boxes in the frame's pixels)."""
-    rng = np.random.default_rng(seed)
-    prob = rng.random((size, size)) * noise
-    f = size / frame
-    for x, y, w, h in boxes_px:
-        prob[int(y * f):int((y + h) * f), int(x * f):int((x + w) * f)] = level
-    return prob.astype(np.float32)
-
-
 def test_apply_scales_shrinks_limits_and_gates():
-    prob = _blob_map([(160, 160, 320, 320), (640, 640, 160, 160)])
+    prob = blob_map([(160, 160, 320, 320), (640, 640, 160, 160)])
     boxes, conf = apply(prob, PostProcess(threshold=0.5, min_box_area=0), 1024, 1024)
     assert len(boxes) == 2 and np.allclose(sorted(boxes[:, 2]), [160, 320])
     boxes, conf = apply(prob, PostProcess(threshold=0.5, min_box_area=50_000), 1024, 1024)

@@ -5,6 +5,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from blob_maps import blob_map
 
 from pneumo.boxes import as_boxes
 from pneumo.metrics import THRESHOLDS, Score, mean_average_precision
@@ -21,16 +22,6 @@ from pneumo.models.postprocess import (
 from pneumo.models.scoring import SearchResult, SearchScores, _plateau_best, search
 
 
-def _blob_map(boxes_px, size=64, frame=1024, level=0.9, noise=0.05, seed=0):
-    """A probability map with a bright blob on each box (boxes in the frame's pixels)."""
-    rng = np.random.default_rng(seed)
-    prob = rng.random((size, size)) * noise
-    f = size / frame
-    for x, y, w, h in boxes_px:
-        prob[int(y * f):int((y + h) * f), int(x * f):int((x + w) * f)] = level
-    return prob.astype(np.float32)
-
-
 def _validation_set(n=48, seed=0):
     """Positives with a true blob; negatives with a weaker false blob that a gate should remove."""
     rng = np.random.default_rng(seed)
@@ -38,10 +29,10 @@ def _validation_set(n=48, seed=0):
     for i in range(n):
         if i % 3 == 0:
             box = (int(rng.integers(100, 400)), int(rng.integers(100, 400)), 300, 400)
-            probs[i] = _blob_map([box], seed=i)
+            probs[i] = blob_map([box], seed=i)
             truth[i], opacity[i] = np.array([box], float), 0.6 + 0.3 * rng.random()
         else:
-            probs[i] = _blob_map([(600, 600, 200, 200)], seed=i)  # as bright as a true one
+            probs[i] = blob_map([(600, 600, 200, 200)], seed=i)  # as bright as a true one
             truth[i], opacity[i] = np.zeros((0, 4)), 0.4 * rng.random()
         frames[i] = (1024, 1024)
     return probs, frames, truth, opacity

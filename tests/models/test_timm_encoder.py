@@ -83,6 +83,27 @@ def test_offline_without_packaged_weights_says_how_to_get_them(monkeypatch):
 def test_the_unet_takes_no_weights():
     with pytest.raises(ConfigError, match="unet encoder trains from scratch"):
         check_config(TrainConfig(encoder_weights="imagenet"))
+    with pytest.raises(ConfigError, match="freeze_bn"):
+        check_config(TrainConfig(freeze_bn=True))
+
+
+def test_frozen_batch_norm_keeps_the_pretrained_statistics_through_training(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="freeze_bn keeps pretrained batch-norm statistics"):
+        check_config(_config(freeze_bn=True))
+    net = build_net(_config(encoder_weights="imagenet", freeze_bn=True), pretrained=True)
+    norms = net.encoder._norms()
+    state = {k: v.clone() for k, v in net.encoder.state_dict().items() if "bn" in k}
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    net.train()  # what Lightning does each epoch: the norms stay in eval mode
+    assert norms and not any(n.training for n in norms) and net.decoder.training
+    out = net(torch.rand(4, 1, 64, 64), torch.full((4, 3), 0.5))
+    net.loss(out, {"masks": (torch.rand(4, 1, 64, 64) > 0.8).float(), "classes": torch.tensor([0, 1, 2, 1])}).backward()
+    optimizer.step()
+    after = net.encoder.state_dict()
+    assert state and all(torch.equal(v, after[k]) for k, v in state.items())  # statistics and affine unchanged
+    assert not torch.equal(net.encoder.model.conv_stem.weight, build_net(_config(encoder_weights="imagenet"),
+                                                                         pretrained=True).encoder.model.conv_stem.weight)
 
 
 @pytest.mark.slow

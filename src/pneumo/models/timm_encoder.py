@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from pneumo.errors import ConfigError, ModelError
 from pneumo.models.encoders import Encoder
@@ -160,6 +161,20 @@ class TimmEncoder(Encoder):
         std = sum(cfg.get("std", (0.5,))) / len(cfg.get("std", (0.5,)))
         self.register_buffer("mean", torch.tensor(float(mean)), persistent=False)
         self.register_buffer("std", torch.tensor(float(std)), persistent=False)
+        self.freeze_bn = config.freeze_bn
+        for norm in self._norms():
+            norm.requires_grad_(not self.freeze_bn)
+
+    def _norms(self):
+        return [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def train(self, mode: bool = True):
+        # Lightning puts the model in train mode every epoch: frozen norms go back to eval each time
+        super().train(mode)
+        if self.freeze_bn:
+            for norm in self._norms():
+                norm.eval()
+        return self
 
     @classmethod
     def feature_strides(cls, config) -> list[int]:
@@ -173,6 +188,8 @@ class TimmEncoder(Encoder):
         weights = config.encoder_weights
         if weights not in ("none", "imagenet") and Path(weights).expanduser().suffix not in WEIGHT_SUFFIXES:
             return [f"encoder_weights must be none, imagenet or a {'/'.join(WEIGHT_SUFFIXES)} file, not {weights!r}"]
+        if config.freeze_bn and weights == "none":
+            return ["freeze_bn keeps pretrained batch-norm statistics: it needs encoder_weights imagenet or a file"]
         return []
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

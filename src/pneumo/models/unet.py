@@ -40,6 +40,8 @@ class UNetEncoder(Encoder):
     def check(cls, config) -> list[str]:
         if config.encoder_weights != "none":
             return ["the unet encoder trains from scratch: encoder_weights must be none"]
+        if config.freeze_bn:
+            return ["the unet encoder trains from scratch: freeze_bn (pretrained statistics) must be false"]
         return []
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
