@@ -115,6 +115,7 @@ def test_main_end_to_end(data, tmp_path, capsys):
         assert s["n_dev"] + s["n_test"] == 60
         assert s["fp_images"] <= s["n_test_negative"] and s["tp_images"] <= s["n_test_positive"]
         assert s["n_test_negative"] + s["n_test_positive"] == s["n_test"]
+        assert s["test_map"] <= s["test_map_without_fp_images"] <= 1
     assert entry["config"]["image_size"] == 64
     md = (out / "real.md").read_text()
     assert "| a |" in md and "| b |" in md
@@ -123,3 +124,21 @@ def test_main_end_to_end(data, tmp_path, capsys):
     report = json.loads((out / "real.json").read_text())
     assert [e["label"] for e in report["entries"]] == ["a", "b"]
     assert "reusing" in capsys.readouterr().out
+
+
+def test_score_bounds_rescore_without_false_positive_images_and_on_boxed_positives(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("patientId,x,y,width,height,Target\nhit,100,100,200,200,1\nmissed,500,500,100,100,1\n"
+                      "false-alarm,,,,,0\nquiet,,,,,0\n")
+    submission = tmp_path / "submission.csv"
+    submission.write_text("patientId,PredictionString\nhit,0.9 100 100 200 200\nmissed,\n"
+                          "false-alarm,0.8 10 10 300 300\nquiet,\n")
+    from pneumo.data.submission import score_files
+
+    assert score_files(submission, labels).map == pytest.approx(1 / 3)  # hit 1, missed 0, false alarm 0
+    bounds = real.score_bounds(submission, labels)
+    assert bounds["test_map_without_fp_images"] == pytest.approx(0.5)  # the false alarm no longer counts
+    assert bounds["test_map_boxed_positives"] == pytest.approx(1.0)  # the one boxed positive is exact
+    submission.write_text("patientId,PredictionString\n")
+    assert real.score_bounds(submission, labels) == {"test_map_without_fp_images": 0.0,
+                                                     "test_map_boxed_positives": None}
