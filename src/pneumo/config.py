@@ -45,8 +45,9 @@ class TrainConfig:
     image_size: int = 128
     encoder: str = "unet"  # unet (from scratch) or a timm model name, e.g. tf_efficientnet_lite0
     encoder_weights: str = "none"  # none | imagenet | PATH of a timm state dict (pneumo.models.timm_encoder)
-    # keep a pretrained encoder's batch-norm statistics and affine weights as loaded: batches of
-    # 16 grey X-rays re-estimate ImageNet's statistics badly (norm_eval in detection libraries)
+    # keep a pretrained encoder's batch-norm statistics and affine weights as loaded, as detection
+    # libraries do for small batches (norm_eval); on the real images at 128 px it lost on every
+    # split (docs/benchmarks.md), so it is off
     freeze_bn: bool = False
     width: int = 8  # channels of the first UNet level; doubled at each level down
     depth: int = 4  # UNet levels (image_size must be divisible by 2**depth)
