@@ -132,7 +132,7 @@ def cmd_sweep(args) -> int:
     from pneumo.training.rundir import RunDir
 
     if args.print_name:  # for scripts (the noxfile): the directory name the sweep's outputs go under
-        print(load_sweep(args.params).name)
+        print(load_sweep(args.params, data_dir=args.data_dir).name)  # other data: another name
         return 0
     result = sweep(args.params, out=args.out, data_dir=args.data_dir, max_parallel=args.max_parallel,
                    resume=args.resume, marathon=args.marathon, cluster=args.cluster, cluster_file=args.cluster_file,

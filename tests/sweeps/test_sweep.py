@@ -264,8 +264,10 @@ def test_resume_refuses_finished_runs_of_other_base_parameters(tmp_path, synth_d
     assert not (tmp_path / "out" / "sweeps").exists()  # refused before any summary was written
 
 
-def test_the_same_sweep_on_other_data_is_another_sweep(tmp_path, synth_dir):
+def test_the_same_sweep_on_other_data_is_another_sweep(tmp_path, synth_dir, capsys):
     """`nox -s sweep -- --data-dir DIR` right after the demo: its own name, so nothing collides."""
+    from pneumo.cli import main
+
     spec = {"name": "optimizers", "notebook": NOTEBOOK, "base": {"data_dir": str(synth_dir), **TINY},
             "runs": [{"optimizer": "adam"}]}
     path = _write(tmp_path, spec)
@@ -275,6 +277,11 @@ def test_the_same_sweep_on_other_data_is_another_sweep(tmp_path, synth_dir):
     rsna.mkdir()
     other = load_sweep(path, data_dir=str(rsna))
     assert other.name == "optimizers-My-RSNA-data" and other.runs[0].params["data_dir"] == str(rsna.resolve())
+    # the noxfile asks for the name this way, then predicts with that sweep's model
+    assert main(["sweep", str(path), "--data-dir", str(rsna), "--print-name"]) == 0
+    assert capsys.readouterr().out == "optimizers-My-RSNA-data\n"
+    assert main(["sweep", str(path), "--data-dir", str(synth_dir), "--print-name"]) == 0
+    assert capsys.readouterr().out == "optimizers\n"
 
 
 def test_a_marathon_of_other_parameters_is_kept_and_a_new_one_named(tmp_path):
