@@ -116,6 +116,7 @@ def test_main_end_to_end(data, tmp_path, capsys):
         assert s["fp_images"] <= s["n_test_negative"] and s["tp_images"] <= s["n_test_positive"]
         assert s["n_test_negative"] + s["n_test_positive"] == s["n_test"]
         assert s["test_map"] <= s["test_map_without_fp_images"] <= 1
+        assert 0 <= s["test_map_pooled_tuning"] <= 1 and 0 <= s["test_map_tuned_on_test"] <= 1
     assert entry["config"]["image_size"] == 64
     md = (out / "real.md").read_text()
     assert "| a |" in md and "| b |" in md
@@ -142,3 +143,44 @@ def test_score_bounds_rescore_without_false_positive_images_and_on_boxed_positiv
     submission.write_text("patientId,PredictionString\n")
     assert real.score_bounds(submission, labels) == {"test_map_without_fp_images": 0.0,
                                                      "test_map_boxed_positives": None}
+
+
+def _split(pids, positive, scale=1.0):
+    """Centre-head outputs of one split: a positive image gets its true box (score 0.6 * scale) and,
+    like every negative, a spurious one (0.3 * scale)."""
+    import numpy as np
+
+    from pneumo.models.postprocess import Candidates
+
+    outputs, truth = {}, {}
+    for pid in pids:
+        true_box = np.array([[40.0, 40.0, 40.0, 40.0]])
+        spurious = np.array([[0.0, 90.0, 30.0, 30.0]])
+        boxes = np.concatenate([true_box, spurious]) if pid in positive else spurious
+        scores = np.array([0.6, 0.3] if pid in positive else [0.3]) * scale
+        outputs[pid] = (Candidates(boxes, scores, 128), (128, 128), None)
+        truth[pid] = true_box if pid in positive else np.zeros((0, 4))
+    return {"outputs": outputs, "truth": truth}
+
+
+def test_tuning_bounds_pool_other_splits_without_this_splits_test_images():
+    from pneumo.config import TrainConfig
+
+    config = TrainConfig(postprocess="threshold", classifier=False, min_box_area=0.0, threshold=0.5)
+    names = [f"p{i}" for i in range(12)]
+    positive = set(names[::3])
+    splits = [_split(names[:6], positive), _split(names[3:9], positive), _split(names[6:], positive)]
+    bounds = real.tuning_bounds(splits, config)
+    # split 0 pools split 1 without p3-p5 (split 0's own) and all of split 2
+    assert [b["pooled_tuning_images"] for b in bounds] == [3 + 6, 3 + 3, 6 + 3]
+    for b in bounds:  # a threshold between the spurious and the true boxes' scores: every image right
+        assert 0.3 < b["pooled_postprocess"]["threshold"] < 0.6
+        assert b["test_map_pooled_tuning"] == pytest.approx(1.0)
+        assert b["test_map_tuned_on_test"] == pytest.approx(1.0)
+    # models whose scores run at half the height: a threshold tuned on them lets split 0's spurious
+    # boxes through, where split 0's own outputs still tune to a perfect score
+    splits[1:] = [_split(names[3:9], positive, 0.5), _split(names[6:], positive, 0.5)]
+    bounds = real.tuning_bounds(splits, config)
+    assert bounds[0]["pooled_postprocess"]["threshold"] < 0.3
+    assert bounds[0]["test_map_pooled_tuning"] < 0.9
+    assert bounds[0]["test_map_tuned_on_test"] == pytest.approx(1.0)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from pneumo.boxes import parse_prediction_string
-from pneumo.deploy.predict import annotated_image, load_predictor, predict_folder
+from pneumo.deploy.predict import annotated_image, load_predictor, model_outputs, predict_folder
 from pneumo.deploy.registry import resolve_model
 from pneumo.errors import ModelError
 
@@ -85,6 +86,27 @@ def test_threshold_override_and_tta(tiny_run, synth_dir, tmp_path):
     probs, opacity = predictor.outputs(batch, [{"ViewPosition": "AP"}, {}], tta=True)
     assert len(probs) == 2 and probs[0].shape == (64, 64) and opacity.shape == (2,) and \
         ((opacity > 0) & (opacity < 1)).all()
+
+
+def test_model_outputs_are_what_predict_post_processes(tiny_run, mixed_dir, tmp_path):
+    """The outputs a benchmark tunes on give predict's own boxes under the model's settings; files
+    that do not decode are left out."""
+    from pneumo.models.postprocess import PostProcess
+
+    # settings that leave a two-epoch model's boxes on the images (no gate, no area limit)
+    predictor = dataclasses.replace(load_predictor(tiny_run), settings=PostProcess(threshold=0.2, min_box_area=0))
+    out = tmp_path / "pred"
+    predict_folder(predictor, mixed_dir, out, workers=0, images="none")
+    predicted = json.loads((out / "annotations.json").read_text())["images"]
+    outputs = model_outputs(predictor, mixed_dir, workers=0)
+    assert set(outputs) == set(predicted)
+    assert any(a["boxes"] for a in predicted.values())  # the comparison below compares boxes
+    for pid, (output, frame, opacity) in outputs.items():
+        assert list(frame) == predicted[pid]["image_size"] and 0 < opacity < 1
+        boxes, conf = predictor.boxes(output, *frame, opacity)
+        written = [[b["x"], b["y"], b["width"], b["height"], b["confidence"]] for b in predicted[pid]["boxes"]]
+        expected = [[*box, c] for box, c in zip(boxes.tolist(), conf.tolist())]
+        assert np.allclose(written, expected, atol=1e-3) and len(written) == len(expected)
 
 
 def test_model_paths(tiny_run, tmp_path):

@@ -94,16 +94,23 @@ def remove_stale_temporaries(folder: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def mark_unusable(files, parts: Parts) -> None:
-    """Inputs that cannot be a submission row are errors: a second name of one patientId (abc,
-    abc.dcm), decided over the whole folder so that a re-run after a new name appeared cannot add
-    a second row; a name with a comma, quote or control character (`abc\\n.dcm` would be two rows)."""
+def unusable(files) -> dict:
+    """{file: reason} for the inputs that cannot be a submission row: a second name of one patientId
+    (abc, abc.dcm), decided over the whole folder so that a re-run after a new name appeared cannot
+    add a second row; a name with a comma, quote or control character (`abc\\n.dcm` would be two rows)."""
     first_of: dict[str, Path] = {}
+    reasons = {}
     for f in files:
         if any(c in ',"\x7f\x85\u2028\u2029' or ord(c) < 32 for c in f.stem):
-            parts.write(f, {"path": str(f), "error": "the file name cannot be a patientId (a comma, a quote or "
-                                                     "a control character in it)"})
+            reasons[f] = "the file name cannot be a patientId (a comma, a quote or a control character in it)"
         elif f.stem in first_of:
-            parts.write(f, {"path": str(f), "error": f"duplicate patientId (also {first_of[f.stem]})"})
+            reasons[f] = f"duplicate patientId (also {first_of[f.stem]})"
         else:
             first_of[f.stem] = f
+    return reasons
+
+
+def mark_unusable(files, parts: Parts) -> None:
+    """Writes unusable(files)'s reasons as those files' results."""
+    for f, reason in unusable(files).items():
+        parts.write(f, {"path": str(f), "error": reason})

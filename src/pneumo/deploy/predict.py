@@ -28,7 +28,7 @@ import numpy as np
 from pneumo.boxes import box_records, format_prediction_string
 from pneumo.config import TrainConfig
 from pneumo.data.layout import decode_file, dicom_files, skipped_entries
-from pneumo.deploy.parts import Parts, file_key, mark_unusable, remove_stale_temporaries, settings_key
+from pneumo.deploy.parts import Parts, file_key, mark_unusable, remove_stale_temporaries, settings_key, unusable
 from pneumo.deploy.registry import model_version_dir, record_test_score, resolve_model
 from pneumo.errors import ConfigError, DataError, ModelError
 from pneumo.io import atomic_save_image, atomic_write_json, atomic_write_text
@@ -226,6 +226,32 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
         record_test_score(version, json.loads((out / "score.json").read_text()), images_dir,
                           settings={k: v for k, v in changed.items() if v is not None} or None)
     return summary
+
+
+def model_outputs(model, images_dir, batch_size: int = 16, workers: int | None = None) -> dict[str, tuple]:
+    """{patientId: (output, (rows, columns), opacity)} for every image of a folder predict gives a row: what
+    post-processing reads (a probability map or Candidates, the image's frame, P(opacity) or None),
+    before any setting is applied. pneumo.models.scoring.search tunes settings on these; the real
+    benchmark uses them to ask what other post-processing would have scored on the same outputs."""
+    import torch
+
+    predictor = model if isinstance(model, Predictor) else load_predictor(model)
+    files = _input_files(Path(images_dir))
+    refused = unusable(files)  # as predict: no row for them
+    files = [f for f in files if f not in refused]
+    n_workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(_Decoded(files, predictor.image_size, False), batch_size=batch_size,
+                                         num_workers=n_workers if len(files) > batch_size else 0,
+                                         collate_fn=list, worker_init_fn=child_initializer())
+    found = {}
+    for batch in loader:
+        good = [item for item in batch if item.error is None]
+        if not good:
+            continue
+        outputs, opacity = predictor.outputs(np.stack([item.image for item in good]), [item.meta for item in good])
+        for i, (item, output) in enumerate(zip(good, outputs)):
+            found[item.patientId] = (output, item.shape, None if opacity is None else float(opacity[i]))
+    return found
 
 
 def _finish(item, boxes, conf, *, parts: Parts, out: Path, images: str, gt) -> None:
