@@ -42,6 +42,7 @@ def test_classifier_head_uses_image_and_metadata():
     ({"head": "centre"}, ["mask", "centre"], ["image"], "per_box"),
     ({"head": "centre", "classifier": True}, ["mask", "centre", "classes"], ["image", "metadata"], "per_box"),
     ({"classifier": True, "metadata": False}, ["mask", "classes"], ["image"], "union"),
+    ({"head": "fcos", "depth": 5}, ["fcos_s8", "fcos_s16"], ["image"], "per_box"),
 ])
 def test_the_network_declares_what_its_heads_declare(values, outputs, inputs, targets):
     net = build_net(_config(**values))
@@ -69,7 +70,7 @@ def test_every_registered_box_head_builds_trains_and_decodes():
     for name in HEADS.names():
         if not HEADS.get(name).decodes_boxes:
             continue
-        net = build_net(_config(head=name, classifier=True))
+        net = build_net(_config(head=name, classifier=True, depth=5))  # deep enough for every head
         batch = {"masks": torch.zeros(2, 2, 64, 64), "classes": torch.tensor([0, 2])}
         batch["masks"][0, 0, 10:30, 10:40] = 1
         out = net(torch.rand(2, 1, 64, 64), torch.full((2, 3), 0.5))

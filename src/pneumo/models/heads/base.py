@@ -20,6 +20,10 @@ nothing outside a head's own module compares its name.
 - `decode(outputs, map_dtype) -> list` (box heads only): per image, what
   pneumo.models.postprocess.apply reads (a probability map or Candidates).
 - `opacity(outputs) -> Tensor (B,)` (the gate only): P(opacity) per image.
+- `mirror(outputs) -> dict`: its outputs computed on the horizontally flipped image, expressed for
+  the image itself (flip test-time augmentation averages the two). The default flips maps (4-d)
+  and keeps image-level outputs; a head whose channels hold x positions or left/right distances
+  says how they change.
 - `check(config, strides) -> list[str]`: problems with a config, as sentences; strides are
   the decoded strides the config's encoder gives.
 """
@@ -69,3 +73,6 @@ class Head(nn.Module):
 
     def opacity(self, outputs: dict) -> torch.Tensor:
         raise NotImplementedError(f"the {self.name} head is no gate")
+
+    def mirror(self, outputs: dict) -> dict:
+        return {name: outputs[name].flip(-1) if outputs[name].dim() == 4 else outputs[name] for name in self.outputs}

@@ -45,6 +45,11 @@ class CentreHead(Head):
     def loss(self, outputs: dict, batch: dict) -> torch.Tensor:
         return centre_loss(outputs["centre"], batch["masks"])
 
+    def mirror(self, outputs: dict) -> dict:
+        # a centre at offset o in cell x of the flipped image is at offset 1 - o in cell W - 1 - x
+        centre = outputs["centre"].flip(-1)
+        return {"centre": torch.cat([centre[:, :3], 1 - centre[:, 3:4], centre[:, 4:]], dim=1)}
+
     def decode(self, outputs: dict, map_dtype=np.float32) -> list:
         centre = outputs["centre"].detach()
         heat = torch.sigmoid(centre[:, 0].float()).cpu().numpy()
