@@ -103,16 +103,22 @@ def read_patients(data_dir) -> dict[str, str]:
             for pid, t in target.items() if pid in images}
 
 
+HEAD_BYTES = 4096  # of each image: a DICOM's header with its SOP Instance UID, far before the pixels
+
+
 def data_fingerprint(data_dir, test_fraction: float) -> str:
-    """Hash of the CSV contents, the image names, sizes and mtimes, the test fraction and the rule."""
+    """Hash of the CSV contents, each image's name, size and first HEAD_BYTES, the test fraction and
+    the rule. Not modification times: a copy of the same data (rsync without -t, a fresh checkout of
+    a shared folder) keeps its splits, and so its finished runs."""
     data_dir = Path(data_dir)
     h = hashlib.sha256(f"split-v{SPLIT_VERSION}|{test_fraction}".encode())
     for name in (LABELS, CLASS_INFO):
         path = data_dir / name
         h.update(path.read_bytes() if path.is_file() else b"-")
     for name, path in _image_files(data_dir).items():
-        st = path.stat()
-        h.update(f"{name}|{path.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        with open(path, "rb") as f:
+            head = f.read(HEAD_BYTES)
+        h.update(f"{name}|{path.name}|{path.stat().st_size}|".encode() + hashlib.sha256(head).digest())
     return h.hexdigest()[:12]
 
 

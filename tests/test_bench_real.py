@@ -91,6 +91,22 @@ def test_split_is_reused_and_written_atomically(data, tmp_path):
     assert info["n_dev"] + info["n_test"] == 60
 
 
+def test_the_fingerprint_follows_the_data_not_its_timestamps(data, tmp_path):
+    import os
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)  # new modification times on every file
+    image = sorted((copy / real.IMAGES).iterdir())[0]
+    os.utime(image, ns=(1, 1))
+    assert real.data_fingerprint(copy, 0.25) == real.data_fingerprint(data, 0.25)
+    assert real.data_fingerprint(copy, 0.3) != real.data_fingerprint(data, 0.25)
+    header = bytearray(image.read_bytes())
+    header[200] ^= 0xFF  # another image of the same size
+    image.write_bytes(bytes(header))
+    assert real.data_fingerprint(copy, 0.25) != real.data_fingerprint(data, 0.25)
+
+
 def test_missing_default_data_exits_2(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(real, "DEFAULT_DATA", tmp_path / "nowhere")
     assert real.main(["--out", str(tmp_path / "out")]) == 2
