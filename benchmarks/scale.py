@@ -314,7 +314,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--skip-full", action="store_true", help="refuse to run at the full scale (small machines)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {','.join(PARTS)}")
     parser.add_argument("--sizes", default="128,256", help="training (and prepare) image sizes")
-    parser.add_argument("--profile", default="params/real-cpu.yaml", help="training parameters")
+    parser.add_argument("--profile", default="params/real-cpu-unet.yaml",
+                        help="training parameters (default: %(default)s, full-cpu.yaml's model)")
     parser.add_argument("--real", type=Path, default=REAL / "stage_2_train_images", help="real DICOMs for `decode`")
     parser.add_argument("--pneumo-src", default="", help="run the steps with another checkout's src/ (before/after)")
     parser.add_argument("--model", default="", help="predict with this run or model instead of the 128 px epoch's")

@@ -53,8 +53,9 @@ class TrainConfig:
     depth: int = 4  # UNet levels (image_size must be divisible by 2**depth)
     loss: str = "bce_dice"
     augment: bool = True
-    # the box head: mask (boxes are connected components of the opacity map) or centre (an
-    # anchor-free CenterNet-style head beside the same map); pneumo.models.heads
+    # the box head: mask (boxes are connected components of the opacity map), centre (an
+    # anchor-free CenterNet-style head beside the same map) or fcos (torchvision's FCOS head on
+    # the decoder's 1/8 and 1/16 levels); pneumo.models.heads
     head: str = "mask"
     # The real-data benchmark did not show the classifier or the searched post-processing beating
     # the plain mask model beyond the split-to-split spread (docs/architecture.md, "Real data"),
