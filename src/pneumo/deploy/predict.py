@@ -160,6 +160,16 @@ class _Decoded:
         return decode_file(self.files[i], self.size, keep_full=self.keep_image)
 
 
+def _loader(files, size: int, keep_image: bool, batch_size: int, workers: int | None):
+    """Batches of decoded files (lists of Decoded); two decoding workers unless told, none for one batch."""
+    import torch
+
+    n_workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+    return torch.utils.data.DataLoader(_Decoded(files, size, keep_image), batch_size=batch_size,
+                                       num_workers=n_workers if len(files) > batch_size else 0,
+                                       collate_fn=list, worker_init_fn=child_initializer())
+
+
 # --images: what each input's annotated image is. preview: half size, JPEG (about 40 KB for a
 # real RSNA image against 600 KB for the full-size PNG: the Kaggle test set's 3,000 images in
 # 0.12 GB instead of 1.8 GB); full: the image's own size, lossless PNG; none: no image.
@@ -179,8 +189,6 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
                    batch_size: int = 16, workers: int | None = None, images: str = "preview",
                    dicom_sr: bool = False, dicom_gsps: bool = False) -> dict:
     """Predict every file of images_dir into out; returns the summary (and the score with labels)."""
-    import torch
-
     if images not in IMAGE_KINDS:
         raise ConfigError(f"images={images}: use one of {', '.join(IMAGE_KINDS)}")
     images_dir, out = Path(images_dir), Path(out)
@@ -205,10 +213,7 @@ def predict_folder(model, images_dir, out, threshold=None, min_box_area=None, tt
     if images != "none":
         (out / "images").mkdir(exist_ok=True)
         remove_stale_temporaries(out / "images")
-    n_workers = workers if workers is not None else min(2, os.cpu_count() or 1)
-    loader = torch.utils.data.DataLoader(_Decoded(todo, predictor.image_size, images != "none"),
-                                         batch_size=batch_size, num_workers=n_workers if len(todo) > batch_size else 0,
-                                         collate_fn=list, worker_init_fn=child_initializer())
+    loader = _loader(todo, predictor.image_size, images != "none", batch_size, workers)
     start = time.perf_counter()
     finish = functools.partial(_finish, parts=parts, out=out, images=images, gt=gt)
     png_threads = max(1, min(4, (os.cpu_count() or 2) // 2)) if images != "none" else 1  # one per two cores
@@ -228,18 +233,12 @@ def model_outputs(model, images_dir, batch_size: int = 16, workers: int | None =
     post-processing reads (a probability map or Candidates, the image's frame, P(opacity) or None),
     before any setting is applied. pneumo.models.scoring.search tunes settings on these; the real
     benchmark uses them to ask what other post-processing would have scored on the same outputs."""
-    import torch
-
     predictor = model if isinstance(model, Predictor) else load_predictor(model)
     files = _input_files(Path(images_dir))
     refused = unusable(files)  # as predict: no row for them
     files = [f for f in files if f not in refused]
-    n_workers = workers if workers is not None else min(2, os.cpu_count() or 1)
-    loader = torch.utils.data.DataLoader(_Decoded(files, predictor.image_size, False), batch_size=batch_size,
-                                         num_workers=n_workers if len(files) > batch_size else 0,
-                                         collate_fn=list, worker_init_fn=child_initializer())
     found = {}
-    for batch in loader:
+    for batch in _loader(files, predictor.image_size, False, batch_size, workers):
         good = [item for item in batch if item.error is None]
         if not good:
             continue
