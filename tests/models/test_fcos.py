@@ -92,3 +92,16 @@ def test_fcos_needs_the_decoder_levels_it_reads():
     with pytest.raises(ConfigError, match=r"head fcos reads the decoder at 1/8 and 1/16 size"):
         check_config(TrainConfig(head="fcos", depth=4, image_size=64))
     check_config(TrainConfig(head="fcos", depth=5, image_size=64))  # a UNet that deep has them
+
+
+def test_fcos_trains_under_bf16_autocast():
+    """The GPU profile's precision: the towers run in bf16, the loss and decoding in float32."""
+    net = build_net(_config())
+    images, masks, _ = _data(n=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(images)
+        loss = net.loss(out, {"masks": masks})
+    loss.backward()
+    assert out["fcos_s8"].dtype == torch.bfloat16 and loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in net.heads["fcos"].parameters() if p.grad is not None)
+    assert len(net.decode(out)) == 4
